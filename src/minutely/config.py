@@ -1,0 +1,261 @@
+"""Typed, frozen configuration loaded from one TOML file.
+
+Every section has defaults, so ``load_config(None)`` is a complete, runnable configuration. A bad
+value fails at start with a :class:`~minutely.errors.ConfigError` that names the field, what was
+expected and what was got; an unknown key fails the same way (a typo never passes silently).
+
+>>> cfg = load_config(None)
+>>> cfg.train.window_s
+300
+>>> load_config(None, {"train": {"batch_size": 0}})
+Traceback (most recent call last):
+...
+minutely.errors.ConfigError: config field 'train.batch_size': expected int >= 1, got 0 (int)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from minutely.errors import ConfigError
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, float | None]:
+    return {"min": lo, "max": hi}
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The ad-market simulator (see :mod:`minutely.sim`)."""
+
+    seed: int = 7
+    start_ms: int = field(default=1_767_225_600_000, metadata=_range(0))  # 2026-01-01T00:00Z
+    impressions_per_day: int = field(default=1_000_000, metadata=_range(1))
+    users: int = field(default=200_000, metadata=_range(1))
+    categories: int = field(default=40, metadata=_range(2))
+    advertisers: int = field(default=400, metadata=_range(1))
+    campaigns_per_hour: int = field(default=12, metadata=_range(1))
+    ads_per_campaign: int = field(default=4, metadata=_range(1))
+    campaign_hours_mean: float = field(default=18.0, metadata=_range(1.0))
+    base_ctr: float = field(default=0.03, metadata=_range(1e-4, 0.5))
+    base_cvr: float = field(default=0.08, metadata=_range(1e-4, 0.9))
+    drift: float = field(default=1.0, metadata=_range(0.0))
+    delay_preset: Literal["criteo", "fast"] = "criteo"
+    regime_switch_hour: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """The log that connects the stages."""
+
+    backend: Literal["sqlite"] = "sqlite"
+    path: str = "log.sqlite"
+    partitions: int = field(default=4, metadata=_range(1, 1024))
+    raw_topic: str = "events"
+    dead_letter_topic: str = "dead_letters"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Validation of raw events before the join."""
+
+    max_future_s: int = field(default=300, metadata=_range(0))
+    max_past_s: int = field(default=7 * 86_400, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    allowed_lateness_s: int = field(default=30, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model: its label, attribution window and architecture."""
+
+    name: str = "ctr"
+    label: Literal["click", "conversion"] = "click"
+    attribution_window_s: int = field(default=600, metadata=_range(1))
+    correction_horizon_s: int = field(default=3_600, metadata=_range(0))
+    arch: Literal["lr", "deepfm"] = "deepfm"
+    embedding_dim: int = field(default=16, metadata=_range(1, 1024))
+    buckets: int = field(default=1 << 17, metadata=_range(2))
+    hidden: tuple[int, ...] = (128, 64)
+
+    @property
+    def samples_topic(self) -> str:
+        return f"samples.{self.name}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    window_s: int = field(default=300, metadata=_range(1))
+    batch_size: int = field(default=1024, metadata=_range(1))
+    lr: float = field(default=2e-3, metadata=_range(0.0))
+    embedding_lr: float = field(default=2e-2, metadata=_range(0.0))
+    day_epochs: int = field(default=1, metadata=_range(1))
+    checkpoint_every_windows: int = field(default=12, metadata=_range(1))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    every_min: int = field(default=10, metadata=_range(1))
+    min_samples: int = field(default=1_000, metadata=_range(0))
+    registry_dir: str = "registry"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=0, metadata=_range(0, 65_535))  # 0: pick a free port
+    poll_interval_s: float = field(default=0.2, metadata=_range(0.01))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    days: int = field(default=2, metadata=_range(2))
+    model: str = "ctr"
+    runs_dir: str = "runs"
+    score_batch: int = field(default=2_000, metadata=_range(1))
+
+
+def _default_models() -> tuple[ModelConfig, ...]:
+    return (
+        ModelConfig(),
+        ModelConfig(
+            name="cvr",
+            label="conversion",
+            attribution_window_s=3_600,
+            correction_horizon_s=7 * 86_400,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    sim: SimConfig = SimConfig()
+    stream: StreamConfig = StreamConfig()
+    ingest: IngestConfig = IngestConfig()
+    join: JoinConfig = JoinConfig()
+    models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+    demo: DemoConfig = DemoConfig()
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError("models", f"a model named one of {[m.name for m in self.models]}", name)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read ``path`` (TOML; ``None`` for all defaults), apply ``overrides``, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError("<file>", "an existing TOML file", str(p)) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("<file>", f"valid TOML ({exc})", str(p)) from exc
+    if overrides:
+        data = _merge(data, overrides)
+    cfg = _build(Config, data, "")
+    names = [m.name for m in cfg.models]
+    if len(set(names)) != len(names):
+        raise ConfigError("models", "unique model names", names)
+    if cfg.demo.model not in names:
+        raise ConfigError("demo.model", f"one of {names}", cfg.demo.model)
+    return cfg
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _build(cls: type[Any], data: object, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(prefix or "<root>", "a table", data)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, f"a known field of [{prefix or 'root'}]", data[unknown[0]])
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        where = f"{prefix}.{name}" if prefix else name
+        value = _coerce(hints[name], data[name], where)
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if lo is not None and value < lo:
+                raise ConfigError(where, f"{_tname(hints[name])} >= {lo}", value)
+            if hi is not None and value > hi:
+                raise ConfigError(where, f"{_tname(hints[name])} <= {hi}", value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _tname(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: object, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(where, f"one of {list(args)}", value)
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(where, "an array", value)
+        item_tp = args[0]
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(where, "a boolean", value)
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(where, "int", value)
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(where, "float", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(where, "a string", value)
+        return value
+    raise ConfigError(where, f"a supported type ({tp})", value)  # pragma: no cover
