@@ -74,7 +74,15 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class JoinConfig:
+    """The join of impressions with clicks and conversions.
+
+    The watermark trails the newest event time by ``allowed_lateness_s``; an impression waits at
+    most ``max_click_delay_s`` for its click (what pCVR samples need; pCTR models keep theirs for
+    their own attribution window plus correction horizon).
+    """
+
     allowed_lateness_s: int = field(default=30, metadata=_range(0))
+    max_click_delay_s: int = field(default=3_600, metadata=_range(0))
 
 
 @dataclass(frozen=True)
