@@ -183,7 +183,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError("<file>", f"valid TOML ({exc})", str(p)) from exc
     if overrides:
         data = _merge(data, overrides)
-    cfg = _build(Config, data, "")
+    cfg: Config = _build(Config, data, "")
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise ConfigError("models", "unique model names", names)
@@ -248,7 +248,7 @@ def _coerce(tp: Any, value: object, where: str) -> Any:
             raise ConfigError(where, "an array", value)
         item_tp = args[0]
         return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):

@@ -53,11 +53,12 @@ def encode_event(event: Event) -> bytes:
 def decode_event(data: bytes) -> Event:
     """Decode one raw event; raises :class:`EventError` naming what is wrong."""
     try:
-        return _DECODER.decode(data)
+        event: Event = _DECODER.decode(data)
     except msgspec.ValidationError as exc:
         raise EventError(f"invalid event: {exc}") from exc
     except msgspec.DecodeError as exc:
         raise EventError(f"undecodable event: {exc}") from exc
+    return event
 
 
 def validate_event(
