@@ -1,10 +1,43 @@
-"""Samples as tensors in one jagged sparse layout (values + offsets per feature)."""
+"""Samples as tensors in one jagged sparse layout (values + offsets per feature).
+
+Two entry points build a :class:`TensorBatch`, and both end in the same function, so training and
+serving cannot disagree on a feature:
+
+* :func:`record_batch_to_tensors` for training, straight from an Arrow record batch of the sample
+  log;
+* :func:`instances_to_tensors` for serving, from request instances (feature dicts as JSON gives
+  them).
+
+Sparse ids are hashed per feature into ``[0, buckets)`` (:func:`~minutely.data.hashing.hash_ids`
+with the feature's salt). Dense values go through the fixed transform ``sign(x) * log1p(|x|)``:
+it keeps heavy-tailed counts and ages well scaled without batch or running statistics, which
+would drift in online training and would have to be shipped to, and kept in step with, every
+server.
+
+>>> from minutely.schema import default_schema
+>>> schema = default_schema()
+>>> inst = {f.name: ([3, 4] if f.kind == "multi_sparse" else 1) for f in schema.features}
+>>> tb = instances_to_tensors([inst, inst], schema, buckets=1000)
+>>> len(tb), tb.sparse["user_interests"].offsets.tolist(), tuple(tb.dense.shape)
+(2, [0, 2, 4], (2, 3))
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
 import torch
+
+from minutely.data._features import features_problem
+from minutely.data.arrow import check_record_batch
+from minutely.data.hashing import feature_salt, hash_ids
+from minutely.errors import CodecError, SchemaError
+from minutely.schema import Schema
 
 
 @dataclass(frozen=True)
@@ -34,3 +67,225 @@ class TensorBatch:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+Int64Array = npt.NDArray[np.int64]
+
+
+def record_batch_to_tensors(rb: pa.RecordBatch, schema: Schema, buckets: int) -> TensorBatch:
+    """Decode a sample record batch into tensors, hashing ids into ``[0, buckets)``.
+
+    Id and dense columns are read in place (zero-copy NumPy views of the Arrow buffers); hashing
+    and the dense transform then write fresh arrays, which the tensors own. A ``multi_sparse``
+    column is read as the ListArray's offsets and values; a sliced batch (offsets not starting at
+    0) is normalised so every feature's offsets start at 0. The small per-row columns (ids,
+    timestamps, flags) are copied: tensors over the immutable message bytes would be writable
+    aliases of memory nobody may write.
+
+    Raises :class:`~minutely.errors.CodecError` naming the column for mismatched columns, nulls,
+    a label other than 0/1, or a non-finite dense value.
+
+    >>> from minutely.data.arrow import samples_to_record_batch
+    >>> from minutely.data.samples import Sample
+    >>> from minutely.schema import default_schema
+    >>> schema = default_schema()
+    >>> feats = {f.name: ([3, 4] if f.kind == "multi_sparse" else 1) for f in schema.features}
+    >>> rb = samples_to_record_batch([Sample(9, 0, 0, 1, False, 5, feats)], schema)
+    >>> tb = record_batch_to_tensors(rb, schema, buckets=1000)
+    >>> tb.labels.tolist(), tb.sample_ids.tolist(), tb.sparse["user_interests"].offsets.tolist()
+    ([1.0], [9], [0, 2])
+    """
+    check_record_batch(rb, schema)
+    n = rb.num_rows
+    sparse: list[tuple[str, Int64Array, Int64Array | None]] = []
+    for spec in schema.sparse:
+        col = rb.column(spec.name)
+        if spec.kind == "sparse":
+            sparse.append((spec.name, col.to_numpy(zero_copy_only=True), None))
+        else:
+            sparse.append((spec.name, *_list_column(col)))
+    dense_cols = []
+    for spec in schema.dense:
+        values = rb.column(spec.name).to_numpy(zero_copy_only=True)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise CodecError(
+                f"sample batch: column {spec.name!r} expected finite values, "
+                f"got {values[bad[0]]} at row {bad[0]}"
+            )
+        dense_cols.append(values)
+    dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((n, 0), np.float32)
+    labels = rb.column("label").to_numpy(zero_copy_only=True)
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if bad.size:
+        raise CodecError(
+            f"sample batch: column 'label' expected 0 or 1, got {labels[bad[0]]} at row {bad[0]}"
+        )
+    return _assemble(
+        sparse,
+        dense,
+        buckets,
+        labels=labels.astype(np.float32),
+        is_correction=rb.column("is_correction").to_numpy(zero_copy_only=False, writable=True),
+        sample_ids=rb.column("sample_id").to_numpy(zero_copy_only=False, writable=True),
+        event_ts_ms=rb.column("event_ts_ms").to_numpy(zero_copy_only=False, writable=True),
+        emit_ts_ms=rb.column("emit_ts_ms").to_numpy(zero_copy_only=False, writable=True),
+    )
+
+
+def _list_column(col: pa.ListArray) -> tuple[Int64Array, Int64Array]:
+    """Values and 0-based int64 offsets of a (possibly sliced) list<int64> column."""
+    offsets = col.offsets.to_numpy(zero_copy_only=True)
+    if len(offsets) == 0:  # a zero-length array may come without an offsets buffer
+        return np.zeros(0, np.int64), np.zeros(1, np.int64)
+    start, end = int(offsets[0]), int(offsets[-1])
+    values = col.values.slice(start, end - start).to_numpy(zero_copy_only=True)
+    return values, offsets.astype(np.int64) - start
+
+
+def instances_to_tensors(
+    instances: Sequence[Mapping[str, object]], schema: Schema, buckets: int
+) -> TensorBatch:
+    """Turn serving request instances (feature dicts) into tensors, exactly as training does.
+
+    Each instance maps every feature of ``schema`` to an int id (``sparse``), a list of int ids
+    (``multi_sparse``) or a finite number (``dense``). Labels are 0, sample ids -1, timestamps 0.
+    Raises :class:`~minutely.errors.SchemaError` naming the instance index and the feature for a
+    missing, unknown or mistyped feature.
+
+    >>> from minutely.schema import default_schema
+    >>> schema = default_schema()
+    >>> inst = {f.name: ([] if f.kind == "multi_sparse" else 2) for f in schema.features}
+    >>> tb = instances_to_tensors([inst], schema, buckets=100)
+    >>> tb.sparse["user_interests"].offsets.tolist(), tb.sample_ids.tolist()
+    ([0, 0], [-1])
+    """
+    for i, inst in enumerate(instances):
+        if not isinstance(inst, Mapping):
+            raise SchemaError(
+                f"instance {i}: expected a mapping of feature name to value, "
+                f"got {type(inst).__name__}"
+            )
+        problem = features_problem(inst, schema)
+        if problem is not None:
+            raise SchemaError(f"instance {i}: {problem}")
+    n = len(instances)
+    sparse: list[tuple[str, Int64Array, Int64Array | None]] = []
+    for spec in schema.sparse:
+        name = spec.name
+        if spec.kind == "sparse":
+            ids = np.fromiter((inst[name] for inst in instances), np.int64, count=n)
+            sparse.append((name, ids, None))
+        else:
+            lists = [inst[name] for inst in instances]
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum([len(v) for v in lists], out=offsets[1:])  # type: ignore[arg-type]
+            ids = np.fromiter(
+                itertools.chain.from_iterable(lists),  # type: ignore[arg-type]
+                np.int64,
+                count=int(offsets[-1]),
+            )
+            sparse.append((name, ids, offsets))
+    names = [f.name for f in schema.dense]
+    # float64 first, then float32: the rounding the Arrow encoder applies to training samples.
+    dense = (
+        np.array([[inst[f] for f in names] for inst in instances], dtype=np.float64)
+        .reshape(n, len(names))
+        .astype(np.float32)
+    )
+    return _assemble(
+        sparse,
+        dense,
+        buckets,
+        labels=np.zeros(n, np.float32),
+        is_correction=np.zeros(n, np.bool_),
+        sample_ids=np.full(n, -1, np.int64),
+        event_ts_ms=np.zeros(n, np.int64),
+        emit_ts_ms=np.zeros(n, np.int64),
+    )
+
+
+def _assemble(
+    sparse: Sequence[tuple[str, Int64Array, Int64Array | None]],
+    dense: npt.NDArray[np.float32],
+    buckets: int,
+    *,
+    labels: npt.NDArray[np.float32],
+    is_correction: npt.NDArray[np.bool_],
+    sample_ids: Int64Array,
+    event_ts_ms: Int64Array,
+    emit_ts_ms: Int64Array,
+) -> TensorBatch:
+    """The one place ids are hashed and dense values transformed, for training and serving."""
+    n = len(labels)
+    jagged = {}
+    for name, ids, offsets in sparse:
+        if offsets is None:  # one id per row
+            offsets = np.arange(n + 1, dtype=np.int64)
+        jagged[name] = Jagged(
+            values=torch.from_numpy(hash_ids(ids, feature_salt(name), buckets)),
+            offsets=torch.from_numpy(offsets),
+        )
+    transformed = np.sign(dense) * np.log1p(np.abs(dense))
+    return TensorBatch(
+        sparse=jagged,
+        dense=torch.from_numpy(transformed),
+        labels=torch.from_numpy(labels),
+        is_correction=torch.from_numpy(is_correction),
+        sample_ids=torch.from_numpy(sample_ids),
+        event_ts_ms=torch.from_numpy(event_ts_ms),
+        emit_ts_ms=torch.from_numpy(emit_ts_ms),
+    )
+
+
+def concat_tensor_batches(batches: Sequence[TensorBatch]) -> TensorBatch:
+    """Concatenate batches row-wise (e.g. the micro-batches of a day, for the day mode).
+
+    Offsets are rebased so the result is one valid jagged batch. Raises
+    :class:`~minutely.errors.SchemaError` when there is no batch or the batches' sparse features
+    or dense widths differ.
+
+    >>> from minutely.schema import default_schema
+    >>> schema = default_schema()
+    >>> inst = {f.name: ([3, 4] if f.kind == "multi_sparse" else 1) for f in schema.features}
+    >>> one = instances_to_tensors([inst], schema, buckets=100)
+    >>> both = concat_tensor_batches([one, one])
+    >>> len(both), both.sparse["user_interests"].offsets.tolist()
+    (2, [0, 2, 4])
+    """
+    if not batches:
+        raise SchemaError("concat_tensor_batches: expected at least one batch, got none")
+    first = batches[0]
+    names = list(first.sparse)
+    width = first.dense.shape[1]
+    for i, b in enumerate(batches):
+        if list(b.sparse) != names:
+            raise SchemaError(
+                f"concat_tensor_batches: batch {i} has sparse features {list(b.sparse)}, "
+                f"expected {names}"
+            )
+        if b.dense.shape[1] != width:
+            raise SchemaError(
+                f"concat_tensor_batches: batch {i} has {b.dense.shape[1]} dense features, "
+                f"expected {width}"
+            )
+    sparse = {}
+    for name in names:
+        values, offsets = [], [torch.zeros(1, dtype=torch.int64)]
+        base = 0
+        for b in batches:
+            jag = b.sparse[name]
+            start, end = int(jag.offsets[0]), int(jag.offsets[-1])
+            values.append(jag.values[start:end])
+            offsets.append(jag.offsets[1:] - start + base)
+            base += end - start
+        sparse[name] = Jagged(values=torch.cat(values), offsets=torch.cat(offsets))
+    return TensorBatch(
+        sparse=sparse,
+        dense=torch.cat([b.dense for b in batches]),
+        labels=torch.cat([b.labels for b in batches]),
+        is_correction=torch.cat([b.is_correction for b in batches]),
+        sample_ids=torch.cat([b.sample_ids for b in batches]),
+        event_ts_ms=torch.cat([b.event_ts_ms for b in batches]),
+        emit_ts_ms=torch.cat([b.emit_ts_ms for b in batches]),
+    )
