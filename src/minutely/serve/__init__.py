@@ -1,0 +1,30 @@
+"""The inference HTTP server: predict endpoints, registry polling, atomic hot swap.
+
+The predictor of a version comes from an injected :data:`PredictorFactory`; the default one
+(:func:`torch_factory`) builds the model with :mod:`minutely.model`. Nothing here imports the
+training code.
+"""
+
+from minutely.serve.app import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_INSTANCES,
+    ServingState,
+    create_app,
+    torch_factory,
+)
+from minutely.serve.holder import LoadedModel, ModelHolder, Predictor, PredictorFactory, Refusal
+from minutely.serve.poller import RegistryPoller
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_INSTANCES",
+    "LoadedModel",
+    "ModelHolder",
+    "Predictor",
+    "PredictorFactory",
+    "Refusal",
+    "RegistryPoller",
+    "ServingState",
+    "create_app",
+    "torch_factory",
+]

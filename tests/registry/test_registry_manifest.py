@@ -1,0 +1,157 @@
+"""The manifest: its frozen JSON contract, round trip and validation messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import doctest
+import json
+
+import pytest
+
+import minutely.registry.manifest as manifest_mod
+import minutely.registry.store as store_mod
+from minutely.errors import ArtifactError
+from minutely.registry import FileEntry, Manifest, format_version, parse_version
+
+
+def _manifest(**changes: object) -> Manifest:
+    m = Manifest(
+        manifest_version=1,
+        model="ctr",
+        version="v00000007",
+        parent="v00000006",
+        base="v00000001",
+        created_ms=1_767_225_600_000,
+        arch="deepfm",
+        model_config={"arch": "deepfm", "hidden": [8, 4]},
+        feature_schema={"version": 1, "features": [{"name": "a", "kind": "dense"}]},
+        schema_fingerprint="0123456789abcdef",
+        metrics={"auc": 0.75, "logloss": 0.4},
+        samples_seen=12_345,
+        files={"weights.safetensors": FileEntry(sha256="ab" * 32, bytes=1024)},
+    )
+    return dataclasses.replace(m, **changes)  # type: ignore[arg-type]
+
+
+def test_manifest_fields_and_types_are_frozen() -> None:
+    # The manifest is a public contract: changing it means a new manifest_version.
+    assert [(f.name, f.type) for f in dataclasses.fields(Manifest)] == [
+        ("manifest_version", "int"),
+        ("model", "str"),
+        ("version", "str"),
+        ("parent", "str | None"),
+        ("base", "str | None"),
+        ("created_ms", "int"),
+        ("arch", "str"),
+        ("model_config", "dict[str, Any]"),
+        ("feature_schema", "dict[str, Any]"),
+        ("schema_fingerprint", "str"),
+        ("metrics", "dict[str, float]"),
+        ("samples_seen", "int"),
+        ("files", "dict[str, FileEntry]"),
+    ]
+    assert [(f.name, f.type) for f in dataclasses.fields(FileEntry)] == [
+        ("sha256", "str"),
+        ("bytes", "int"),
+    ]
+    assert Manifest.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_manifest_json_document_shape() -> None:
+    doc = json.loads(_manifest().to_json())
+    assert list(doc) == [f.name for f in dataclasses.fields(Manifest)]
+    assert doc["files"] == {"weights.safetensors": {"sha256": "ab" * 32, "bytes": 1024}}
+    assert doc["parent"] == "v00000006"
+    assert doc["metrics"] == {"auc": 0.75, "logloss": 0.4}
+
+
+def test_manifest_round_trip_is_exact() -> None:
+    m = _manifest()
+    assert Manifest.from_json(m.to_json()) == m
+    assert Manifest.from_json(m.to_json()).to_json() == m.to_json()
+    none_refs = _manifest(parent=None, base=None)
+    assert Manifest.from_json(none_refs.to_json()) == none_refs
+
+
+def test_integer_metrics_read_as_floats() -> None:
+    doc = json.loads(_manifest().to_json())
+    doc["metrics"] = {"auc": 1}
+    m = Manifest.from_json(json.dumps(doc).encode())
+    assert m.metrics == {"auc": 1.0}
+    assert isinstance(m.metrics["auc"], float)
+
+
+def test_invalid_json_names_the_source() -> None:
+    with pytest.raises(ArtifactError, match=r"^/x/manifest\.json: expected a JSON manifest, got"):
+        Manifest.from_json(b'{"manifest_version": 1,', source="/x/manifest.json")
+
+
+def test_non_object_json_is_refused() -> None:
+    with pytest.raises(ArtifactError, match=r"m\.json: expected a JSON object, got list"):
+        Manifest.from_json(b"[1, 2]", source="m.json")
+
+
+@pytest.mark.parametrize("mv", [2, 0, "1", None, True])
+def test_unsupported_manifest_version_is_refused(mv: object) -> None:
+    doc = json.loads(_manifest().to_json())
+    doc["manifest_version"] = mv
+    with pytest.raises(
+        ArtifactError,
+        match=rf"m\.json: unsupported manifest_version: expected one of \[1\], got {mv!r}",
+    ):
+        Manifest.from_json(json.dumps(doc).encode(), source="m.json")
+
+
+def test_missing_manifest_version_is_refused() -> None:
+    doc = json.loads(_manifest().to_json())
+    del doc["manifest_version"]
+    with pytest.raises(ArtifactError, match=r"unsupported manifest_version: .* got None"):
+        Manifest.from_json(json.dumps(doc).encode())
+
+
+def test_field_of_wrong_type_is_named() -> None:
+    doc = json.loads(_manifest().to_json())
+    doc["created_ms"] = "yesterday"
+    with pytest.raises(
+        ArtifactError,
+        match=r"m\.json: malformed manifest: Expected `int`, got `str` - at `\$.created_ms`",
+    ):
+        Manifest.from_json(json.dumps(doc).encode(), source="m.json")
+
+
+def test_missing_field_is_named() -> None:
+    doc = json.loads(_manifest().to_json())
+    del doc["files"]["weights.safetensors"]["sha256"]
+    with pytest.raises(
+        ArtifactError, match=r"malformed manifest: .*missing required field `sha256`"
+    ):
+        Manifest.from_json(json.dumps(doc).encode())
+
+
+def test_bad_version_name_in_manifest_is_refused() -> None:
+    doc = json.loads(_manifest().to_json())
+    doc["version"] = "../v1"
+    with pytest.raises(
+        ArtifactError, match=r"version: expected 'v' and at least 8 digits, got '\.\./v1'"
+    ):
+        Manifest.from_json(json.dumps(doc).encode())
+
+
+def test_version_names() -> None:
+    assert format_version(42) == "v00000042"
+    assert parse_version("v00000042") == 42
+    assert parse_version("v123456789") == 123_456_789
+    assert sorted([format_version(10), format_version(9)]) == ["v00000009", "v00000010"]
+    with pytest.raises(ArtifactError, match=r"version number: expected an int >= 1, got 0"):
+        format_version(0)
+    with pytest.raises(
+        ArtifactError, match=r"version: expected 'v' and at least 8 digits, got 'v42'"
+    ):
+        parse_version("v42")
+
+
+@pytest.mark.parametrize("module", [manifest_mod, store_mod])
+def test_docstring_examples_run(module: object) -> None:
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
+    assert result.attempted > 0
+    assert result.failed == 0
