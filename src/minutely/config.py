@@ -37,20 +37,22 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, float 
 class SimConfig:
     """The ad-market simulator (see :mod:`minutely.sim`)."""
 
-    seed: int = 7
+    seed: int = field(default=7, metadata=_range(0))
     start_ms: int = field(default=1_767_225_600_000, metadata=_range(0))  # 2026-01-01T00:00Z
-    impressions_per_day: int = field(default=1_000_000, metadata=_range(1))
+    impressions_per_day: int = field(default=1_000_000, metadata=_range(1, 999_999_999))
     users: int = field(default=200_000, metadata=_range(1))
     categories: int = field(default=40, metadata=_range(2))
     advertisers: int = field(default=400, metadata=_range(1))
     campaigns_per_hour: int = field(default=12, metadata=_range(1))
     ads_per_campaign: int = field(default=4, metadata=_range(1))
-    campaign_hours_mean: float = field(default=18.0, metadata=_range(1.0))
+    campaign_hours_mean: float = field(default=18.0, metadata=_range(1.0, 720.0))
+    slots: int = field(default=4, metadata=_range(1, 64))
+    devices: int = field(default=3, metadata=_range(1, 64))
     base_ctr: float = field(default=0.03, metadata=_range(1e-4, 0.5))
     base_cvr: float = field(default=0.08, metadata=_range(1e-4, 0.9))
-    drift: float = field(default=1.0, metadata=_range(0.0))
+    drift: float = field(default=1.0, metadata=_range(0.0, 10.0))
     delay_preset: Literal["criteo", "fast"] = "criteo"
-    regime_switch_hour: int | None = None
+    regime_switch_hour: int | None = field(default=None, metadata=_range(0))
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class ModelConfig:
     correction_horizon_s: int = field(default=3_600, metadata=_range(0))
     arch: Literal["lr", "deepfm"] = "deepfm"
     embedding_dim: int = field(default=16, metadata=_range(1, 1024))
-    buckets: int = field(default=1 << 17, metadata=_range(2))
+    buckets: int = field(default=1 << 15, metadata=_range(2))  # hashed rows per sparse feature
     hidden: tuple[int, ...] = (128, 64)
 
     @property
@@ -119,6 +121,7 @@ class ExportConfig:
     every_min: int = field(default=10, metadata=_range(1))
     min_samples: int = field(default=1_000, metadata=_range(0))
     registry_dir: str = "registry"
+    keep_versions: int = field(default=24, metadata=_range(1))  # plus base and pinned ones
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class DemoConfig:
     model: str = "ctr"
     runs_dir: str = "runs"
     score_batch: int = field(default=2_000, metadata=_range(1))
+    corrupt_every: int = field(default=20_000, metadata=_range(0))  # 0: a clean stream
 
 
 def _default_models() -> tuple[ModelConfig, ...]:
