@@ -1,0 +1,31 @@
+"""Training: losses, the online trainer and atomic checkpoints."""
+
+from minutely.train.checkpoint import (
+    checkpoint_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
+from minutely.train.losses import BCELoss, Loss, bce_loss, loss_names, make_loss, register_loss
+from minutely.train.optim import RowSparseAdam
+from minutely.train.trainer import DENSE, SPARSE, Trainer, TrainerState
+
+__all__ = [
+    "DENSE",
+    "SPARSE",
+    "BCELoss",
+    "Loss",
+    "RowSparseAdam",
+    "Trainer",
+    "TrainerState",
+    "bce_loss",
+    "checkpoint_tensors",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_latest_checkpoint",
+    "loss_names",
+    "make_loss",
+    "register_loss",
+    "save_checkpoint",
+]
