@@ -109,8 +109,8 @@ class ModelConfig:
 class TrainConfig:
     window_s: int = field(default=300, metadata=_range(1))
     batch_size: int = field(default=1024, metadata=_range(1))
-    lr: float = field(default=2e-3, metadata=_range(0.0))
-    embedding_lr: float = field(default=2e-2, metadata=_range(0.0))
+    lr: float = field(default=1e-3, metadata=_range(0.0))
+    embedding_lr: float = field(default=3e-3, metadata=_range(0.0))
     day_epochs: int = field(default=1, metadata=_range(1))
     checkpoint_every_windows: int = field(default=12, metadata=_range(1))
     seed: int = 0

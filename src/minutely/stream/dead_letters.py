@@ -20,6 +20,7 @@ b'{not json'
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -63,12 +64,23 @@ class DeadLetterSink:
     the reasons are.
     """
 
-    def __init__(self, log: Log, topic: str, partitions: int = 1) -> None:
+    def __init__(
+        self,
+        log: Log,
+        topic: str,
+        partitions: int = 1,
+        *,
+        write: Callable[[list[tuple[bytes | None, bytes, int]]], object] | None = None,
+        counts_by_reason: Mapping[str, int] | None = None,
+    ) -> None:
+        """``write`` replaces the plain keyed append (e.g. by an exactly-once appender), and
+        ``counts_by_reason`` restores the counts of a checkpointed sink."""
         self._log = log
         self._topic = topic
         log.create_topic(topic, partitions)
-        self._count = 0
-        self._by_reason: dict[str, int] = {}
+        self._write = write
+        self._by_reason: dict[str, int] = dict(counts_by_reason or {})
+        self._count = sum(self._by_reason.values())
 
     @property
     def topic(self) -> str:
@@ -103,7 +115,11 @@ class DeadLetterSink:
             )
         wire = _Wire(reason=reason, source=source, ts_ms=ts_ms, payload_b64=payload)
         key = source.split("@", 1)[0].encode()
-        self._log.append(self._topic, [(key, _ENCODER.encode(wire), ts_ms)])
+        message: tuple[bytes | None, bytes, int] = (key, _ENCODER.encode(wire), ts_ms)
+        if self._write is not None:
+            self._write([message])
+        else:
+            self._log.append(self._topic, [message])
         self._count += 1
         group = reason_group(reason)
         self._by_reason[group] = self._by_reason.get(group, 0) + 1

@@ -1,0 +1,95 @@
+"""The replay protocol: every impression scored by the version live when it arrived.
+
+Impressions of each window are sent, as requests, to the running inference server before any
+stage has seen that window, so the answer comes from the version that was live at request time;
+the frozen day model scores the same impressions in-process (the "day model only" strategy).
+Both are judged later against each impression's eventual label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from minutely.data import instances_to_tensors
+from minutely.demo.server import ServerProcess
+from minutely.evaluate import AUC, PCOC, LogLoss
+from minutely.events import Impression
+from minutely.model import CtrModel
+from minutely.schema import Schema
+from minutely.sim import EventBatch
+
+
+@dataclass
+class ReplayScores:
+    imp_ids: list[np.ndarray] = field(default_factory=list)
+    ts_ms: list[np.ndarray] = field(default_factory=list)
+    online: list[np.ndarray] = field(default_factory=list)
+    day_only: list[np.ndarray] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+
+
+class ReplayScorer:
+    """Scores each window's impressions through the server and with the frozen day model."""
+
+    def __init__(
+        self,
+        server: ServerProcess,
+        model_name: str,
+        day_model: CtrModel,
+        schema: Schema,
+        buckets: int,
+        batch: int,
+    ) -> None:
+        self._server = server
+        self._name = model_name
+        self._day_model = day_model
+        self._schema = schema
+        self._buckets = buckets
+        self._batch = batch
+        self.scores = ReplayScores()
+
+    def score_window(self, events: EventBatch) -> None:
+        imps = [e for e in events.events() if isinstance(e, Impression)]
+        for i in range(0, len(imps), self._batch):
+            chunk = imps[i : i + self._batch]
+            instances: list[dict[str, Any]] = [dict(e.features) for e in chunk]
+            version, preds = self._server.predict(self._name, instances)
+            day = self._day_model.predict(
+                instances_to_tensors(instances, self._schema, self._buckets)
+            )
+            s = self.scores
+            s.imp_ids.append(np.fromiter((e.imp_id for e in chunk), np.int64, len(chunk)))
+            s.ts_ms.append(np.fromiter((e.ts_ms for e in chunk), np.int64, len(chunk)))
+            s.online.append(np.asarray(preds, dtype=np.float64))
+            s.day_only.append(day.detach().numpy().astype(np.float64))
+            s.versions.extend([version] * len(chunk))
+
+
+def eventual_click_labels(
+    imp_ids: np.ndarray,
+    imp_ts: np.ndarray,
+    click_imp_ids: np.ndarray,
+    click_ts: np.ndarray,
+    window_ms: int,
+    query: np.ndarray,
+) -> np.ndarray:
+    """1 where the impression got a click within ``window_ms`` (its attribution window)."""
+    order = np.argsort(imp_ids, kind="stable")
+    sorted_ids = imp_ids[order]
+    pos = np.searchsorted(sorted_ids, click_imp_ids)
+    pos = np.clip(pos, 0, len(sorted_ids) - 1)
+    found = sorted_ids[pos] == click_imp_ids
+    within = found & (click_ts - imp_ts[order][pos] <= window_ms)
+    clicked = np.unique(click_imp_ids[within])
+    return np.isin(query, clicked).astype(np.float64)
+
+
+def score(preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    out: dict[str, float] = {"n": float(len(labels)), "positives": float(labels.sum())}
+    for name, metric in (("auc", AUC()), ("logloss", LogLoss()), ("pcoc", PCOC())):
+        metric.update(preds, labels)
+        out[name] = float(metric.get())
+    return out

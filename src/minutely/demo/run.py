@@ -1,0 +1,202 @@
+"""``minutely demo``: two simulated days, a day model, then a day of online learning.
+
+1. Simulate day 1 into the raw topic; the join labels it into the samples topic.
+2. Train the day model on day 1's samples (complete labels) and publish it as the base version.
+3. Start the inference server; replay day 2 window by window: score the window's impressions
+   with the live version (server) and with the frozen day model, then join, test-then-train,
+   export every N minutes; the server hot-swaps each new version.
+4. Judge both strategies on day 2 against eventual labels; write results.json and a plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minutely.clock import MS_PER_DAY, MS_PER_HOUR
+from minutely.config import Config
+from minutely.demo.replay import ReplayScorer, eventual_click_labels, score
+from minutely.demo.report import format_table, write_plot
+from minutely.demo.server import ServerProcess
+from minutely.errors import ConfigError
+from minutely.model import build_model
+from minutely.pipeline.day import train_batch_mode
+from minutely.pipeline.runner import OnlinePipeline
+from minutely.registry import Registry
+from minutely.schema import default_schema
+from minutely.sim import Market
+from minutely.stream import open_log
+from minutely.train import Trainer
+
+
+def new_run_dir(root: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        d = root / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a run folder under {root}")
+
+
+def run_demo(
+    cfg: Config,
+    run_dir: Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.train.seed)
+    model_cfg = cfg.model(cfg.demo.model)
+    if model_cfg.label != "click":
+        raise ConfigError("demo.model", "a model whose label is 'click'", cfg.demo.model)
+    run_dir = run_dir if run_dir is not None else new_run_dir(Path(cfg.demo.runs_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    echo(f"minutely demo: run folder {run_dir}")
+    schema = default_schema()
+    market = Market(cfg.sim, schema)
+    log = open_log(cfg.stream, run_dir)
+    registry = Registry(run_dir / cfg.export.registry_dir)
+    model = build_model(model_cfg, schema)
+    trainer = Trainer(model, cfg.train)
+    start = cfg.sim.start_ms
+    online_start = start + (cfg.demo.days - 1) * MS_PER_DAY
+    window_ms = cfg.train.window_s * 1000
+    pipe = OnlinePipeline(
+        cfg,
+        model_cfg,
+        schema,
+        log,
+        market,
+        registry,
+        model,
+        trainer,
+        run_dir / "checkpoints",
+        start,
+        corrupt_every=cfg.demo.corrupt_every,
+    )
+    history_ticks = list(range(start + MS_PER_HOUR, online_start + 1, MS_PER_HOUR))
+    online_ticks = list(range(online_start + window_ms, online_start + MS_PER_DAY + 1, window_ms))
+    timings: dict[str, float] = {}
+    bar = tqdm(
+        total=len(history_ticks) + len(online_ticks),
+        disable=not progress,
+        unit="win",
+        dynamic_ncols=True,
+    )
+    try:
+        # 1. history: events in, joined into samples; nothing trains yet.
+        t0 = time.perf_counter()
+        bar.set_description("day 1: simulate + join")
+        for end in history_ticks:
+            pipe.tick(end, train=False, export=False)
+            bar.update()
+        timings["history_s"] = time.perf_counter() - t0
+
+        # 2. the day model, on the complete day.
+        t0 = time.perf_counter()
+        bar.set_description("day model: train")
+        day_report = train_batch_mode(
+            trainer, pipe.samples, online_start, cfg.train.day_epochs, cfg.train.seed
+        )
+        base = pipe.exporter.export(
+            model,
+            online_start,
+            trainer.samples_seen,
+            {"train_auc": day_report.train_auc, "train_logloss": day_report.train_logloss},
+            as_base=True,
+        )
+        day_model = copy.deepcopy(model).eval()
+        timings["day_model_s"] = time.perf_counter() - t0
+
+        # 3. online: the live version serves, the model keeps learning, versions roll out.
+        t0 = time.perf_counter()
+        bar.set_description("day 2: online")
+        with ServerProcess(
+            registry.root, [model_cfg.name], run_dir, cfg.serve.poll_interval_s, cfg.serve.host
+        ) as server:
+            server.wait_for_version(model_cfg.name, base.version)
+            scorer = ReplayScorer(
+                server, model_cfg.name, day_model, schema, model_cfg.buckets, cfg.demo.score_batch
+            )
+            for end in online_ticks:
+                res = pipe.tick(end, on_events=scorer.score_window)
+                if res.exported is not None:
+                    registry.prune(model_cfg.name, keep=cfg.export.keep_versions)
+                    server.wait_for_version(model_cfg.name, res.exported.version)
+                bar.update()
+        timings["online_s"] = time.perf_counter() - t0
+    finally:
+        bar.close()
+        log.close()
+
+    # 4. judge both strategies on the last day.
+    s = scorer.scores
+    imp_ids = np.concatenate(s.imp_ids)
+    ts = np.concatenate(s.ts_ms)
+    truth = market.simulate_day(cfg.demo.days - 1)
+    labels = eventual_click_labels(
+        truth.imp_id,
+        truth.imp_ts_ms,
+        truth.click_imp_id,
+        truth.click_ts_ms,
+        model_cfg.attribution_window_s * 1000,
+        imp_ids,
+    )
+    online = np.concatenate(s.online)
+    day_only = np.concatenate(s.day_only)
+    hours = (ts - online_start) // MS_PER_HOUR
+    hourly = []
+    for h in range(24):
+        m = hours == h
+        hourly.append(
+            {
+                "hour": h,
+                "n": int(m.sum()),
+                "day_only_auc": score(day_only[m], labels[m])["auc"],
+                "online_auc": score(online[m], labels[m])["auc"],
+            }
+        )
+    timings["total_s"] = time.perf_counter() - t_start
+    stats = pipe.join.stats
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "model": model_cfg.name,
+        "impressions_scored": len(imp_ids),
+        "day_model": {
+            "version": base.version,
+            "train_samples": day_report.samples,
+            "train_auc": day_report.train_auc,
+        },
+        "strategies": {
+            "day_only": {**score(day_only, labels), "versions_served": 1},
+            "online": {**score(online, labels), "versions_served": len(set(s.versions))},
+        },
+        "hourly": hourly,
+        "pipeline": {
+            "raw_events": stats.events,
+            "samples": stats.samples,
+            "dead_letters": stats.dead_letters,
+            "dead_letters_by_reason": stats.dead_letters_by_reason,
+            "malformed_injected": pipe.source.corrupted,
+            "versions_exported": pipe.exporter.state.exported,
+        },
+        "timings_s": timings,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    write_plot(hourly, run_dir / "auc_per_hour.png")
+    echo(format_table(results))
+    echo(f"results: {run_dir / 'results.json'}  plot: {run_dir / 'auc_per_hour.png'}")
+    return results

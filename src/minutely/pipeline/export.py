@@ -1,0 +1,93 @@
+"""Export policy: a new version every N event-time minutes once enough samples have arrived."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from minutely.config import ExportConfig, ModelConfig
+from minutely.model import CtrModel
+from minutely.registry import Manifest, Registry
+from minutely.schema import Schema
+
+
+@dataclass
+class ExportState:
+    last_export_ms: int | None = None
+    samples_at_last_export: int = 0
+    last_version: str | None = None
+    base_version: str | None = None
+    exported: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExportState:
+        return cls(**d)
+
+
+class Exporter:
+    """Publishes a model's weights to the registry when the policy says it is time."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        model_cfg: ModelConfig,
+        schema: Schema,
+        cfg: ExportConfig,
+        state: ExportState | None = None,
+    ) -> None:
+        self._registry = registry
+        self._model_cfg = model_cfg
+        self._schema = schema
+        self._cfg = cfg
+        self.state = state if state is not None else ExportState()
+
+    def due(self, now_ms: int, samples_seen: int) -> bool:
+        st = self.state
+        if (
+            st.last_export_ms is not None
+            and now_ms - st.last_export_ms < self._cfg.every_min * 60_000
+        ):
+            return False
+        return samples_seen - st.samples_at_last_export >= self._cfg.min_samples
+
+    def export(
+        self,
+        model: CtrModel,
+        now_ms: int,
+        samples_seen: int,
+        metrics: dict[str, float],
+        *,
+        as_base: bool = False,
+    ) -> Manifest:
+        """Publish now; ``as_base`` marks a day model that later online versions descend from."""
+        manifest = self._registry.publish(
+            self._model_cfg.name,
+            {k: v.detach() for k, v in model.state_dict().items()},
+            created_ms=now_ms,
+            arch=self._model_cfg.arch,
+            model_config=dataclasses.asdict(self._model_cfg),
+            schema=self._schema,
+            metrics=metrics,
+            samples_seen=samples_seen,
+            parent=self.state.last_version,
+            base=None if as_base else self.state.base_version,
+        )
+        st = self.state
+        st.last_export_ms = now_ms
+        st.samples_at_last_export = samples_seen
+        st.last_version = manifest.version
+        st.exported += 1
+        if as_base:
+            st.base_version = manifest.version
+        return manifest
+
+    def maybe_export(
+        self, model: CtrModel, now_ms: int, samples_seen: int, metrics: dict[str, float]
+    ) -> Manifest | None:
+        if not self.due(now_ms, samples_seen):
+            return None
+        return self.export(model, now_ms, samples_seen, metrics)

@@ -1,0 +1,69 @@
+"""The demo end to end on a small market: a real server process, real artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minutely.cli import main
+from minutely.config import load_config
+from minutely.demo.replay import eventual_click_labels
+from minutely.demo.run import run_demo
+from minutely.errors import ConfigError
+
+TINY = {
+    "sim": {"impressions_per_day": 12_000, "users": 2_000, "campaigns_per_hour": 4},
+    "stream": {"partitions": 2},
+    "models": [{"name": "ctr", "buckets": 4096, "embedding_dim": 4, "hidden": [16]}],
+    "train": {"window_s": 900, "batch_size": 256},
+    "export": {"every_min": 30, "min_samples": 20, "keep_versions": 3},
+    "demo": {"corrupt_every": 500, "score_batch": 500},
+}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    cfg = load_config(None, TINY)
+    lines: list[str] = []
+    results = run_demo(cfg, run_dir=tmp_path, progress=False, echo=lines.append)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert (tmp_path / "auc_per_hour.png").stat().st_size > 10_000
+    online = results["strategies"]["online"]
+    day = results["strategies"]["day_only"]
+    assert online["n"] == day["n"] == results["impressions_scored"] > 10_000
+    # every 30 event-time minutes over a day, each one served before the next window
+    assert online["versions_served"] >= 40
+    assert day["versions_served"] == 1
+    assert 0.5 < online["auc"] < 1.0
+    pipe = results["pipeline"]
+    assert pipe["dead_letters"] == pipe["malformed_injected"] > 0
+    assert len(list((tmp_path / "registry" / "ctr").glob("v*"))) <= 4  # kept 3 + the base
+    assert any("day model only" in line for line in lines)
+
+
+def test_demo_refuses_a_conversion_model(tmp_path: Path) -> None:
+    cfg = load_config(None, {"demo": {"model": "cvr"}})
+    with pytest.raises(ConfigError, match=r"'demo\.model': expected a model whose label is"):
+        run_demo(cfg, run_dir=tmp_path, progress=False)
+
+
+def test_cli_reports_bad_config_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--set", "train.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "config field 'train.batch_size': expected int >= 1, got 0" in err
+    assert main(["demo", "--set", "nonsense"]) == 2
+    assert "expected section.field=value" in capsys.readouterr().err
+
+
+def test_eventual_labels_use_the_attribution_window() -> None:
+    imp_ids = np.array([10, 11, 12, 13])
+    imp_ts = np.array([0, 0, 0, 0])
+    click_ids = np.array([11, 12, 99])
+    click_ts = np.array([500, 1_500, 10])
+    labels = eventual_click_labels(imp_ids, imp_ts, click_ids, click_ts, 1_000, imp_ids)
+    assert labels.tolist() == [0.0, 1.0, 0.0, 0.0]

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from minutely.config import Config, load_config
+from minutely.model import build_model
+from minutely.pipeline.runner import OnlinePipeline
+from minutely.registry import Registry
+from minutely.schema import default_schema
+from minutely.sim import Market
+from minutely.stream import SqliteLog
+from minutely.train import Trainer
+
+SMALL = {
+    "sim": {
+        "impressions_per_day": 24_000,
+        "users": 3_000,
+        "campaigns_per_hour": 4,
+        "delay_preset": "fast",
+    },
+    "stream": {"partitions": 2},
+    "models": [
+        {"name": "ctr", "buckets": 4096, "embedding_dim": 4, "hidden": [16]},
+        {
+            "name": "cvr",
+            "label": "conversion",
+            "attribution_window_s": 600,
+            "correction_horizon_s": 3600,
+            "buckets": 4096,
+            "embedding_dim": 4,
+            "hidden": [16],
+        },
+    ],
+    "train": {"batch_size": 256, "checkpoint_every_windows": 3},
+    "export": {"every_min": 10, "min_samples": 50},
+}
+
+
+def small_config() -> Config:
+    return load_config(None, SMALL)
+
+
+def make_pipeline(
+    cfg: Config, run_dir: Path, *, corrupt_every: int = 0, resume: bool = False
+) -> tuple[OnlinePipeline, SqliteLog]:
+    import torch
+
+    torch.manual_seed(0)
+    schema = default_schema()
+    model_cfg = cfg.model("ctr")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = SqliteLog(run_dir / "log.sqlite")
+    model = build_model(model_cfg, schema)
+    trainer = Trainer(model, cfg.train)
+    pipe = OnlinePipeline(
+        cfg,
+        model_cfg,
+        schema,
+        log,
+        Market(cfg.sim, schema),
+        Registry(run_dir / "registry"),
+        model,
+        trainer,
+        run_dir / "checkpoints",
+        cfg.sim.start_ms,
+        corrupt_every=corrupt_every,
+        resume=resume,
+    )
+    return pipe, log

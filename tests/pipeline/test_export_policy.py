@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import torch
+
+from minutely.config import ExportConfig, ModelConfig
+from minutely.model import build_model
+from minutely.pipeline.export import Exporter, ExportState
+from minutely.registry import Registry
+from minutely.schema import default_schema
+
+MIN = 60_000
+
+
+def exporter(tmp_path: Path, state: ExportState | None = None) -> Exporter:
+    cfg = ModelConfig(buckets=64, embedding_dim=2, hidden=(4,))
+    return Exporter(
+        Registry(tmp_path),
+        cfg,
+        default_schema(),
+        ExportConfig(every_min=10, min_samples=100),
+        state,
+    )
+
+
+def test_due_needs_both_time_and_samples(tmp_path: Path) -> None:
+    ex = exporter(tmp_path)
+    assert not ex.due(0, 99)
+    assert ex.due(0, 100)
+    ex.state.last_export_ms = 0
+    ex.state.samples_at_last_export = 100
+    assert not ex.due(9 * MIN, 10_000)  # too soon
+    assert not ex.due(10 * MIN, 150)  # too few new samples
+    assert ex.due(10 * MIN, 200)
+
+
+def test_online_versions_descend_from_the_base(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ex = exporter(tmp_path)
+    model = build_model(ModelConfig(buckets=64, embedding_dim=2, hidden=(4,)), default_schema())
+    base = ex.export(model, 0, 1_000, {"train_auc": 0.7}, as_base=True)
+    assert ex.maybe_export(model, 5 * MIN, 2_000, {}) is None
+    v2 = ex.maybe_export(model, 10 * MIN, 2_000, {"window_auc": 0.71})
+    assert v2 is not None
+    assert (v2.parent, v2.base) == (base.version, base.version)
+    assert base.base is None
+    restored = exporter(tmp_path, ExportState.from_dict(ex.state.to_dict()))
+    assert restored.state == ex.state
+    assert restored.state.exported == 2
