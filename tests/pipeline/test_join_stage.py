@@ -82,6 +82,7 @@ def test_corrupt_variants_are_each_malformed() -> None:
     from minutely.events import Click, decode_event, encode_event, validate_event
 
     msg = (b"k", encode_event(Click(imp_id=5, ts_ms=1_000_000)), 1_000_000)
+
     def reason(value: bytes) -> str:
         try:
             validate_event(decode_event(value), default_schema(), 1_000_000, 60_000, 60_000)
