@@ -14,12 +14,14 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 from minutely.config import JoinConfig, ModelConfig, load_config
 from minutely.events import Click, Conversion, Event, Impression, decode_event, encode_event
-from minutely.join import Joiner
+from minutely.join import Joiner, JoinStats
 from minutely.schema import default_schema
 
 DAY_MS = 86_400_000
@@ -73,21 +75,18 @@ def synth_stream(n_impressions: int, seed: int = 0) -> list[Event]:
     return [ev for at, _, ev in arrivals if at <= ts]  # one day of delivery
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="200k impressions instead of 1M")
-    ap.add_argument("--impressions", type=int, default=None)
-    args = ap.parse_args(argv)
-    n = args.impressions or (200_000 if args.quick else 1_000_000)
-    events = synth_stream(n)
-    # As in the pipeline, events reach the joiner as log messages decoded batch by batch, so the
-    # collector sees the same live objects (the joiner's state, fresh events, outputs).
-    batches = [
-        [encode_event(ev) for ev in events[i : i + BATCH]] for i in range(0, len(events), BATCH)
-    ]
-    n_events = len(events)
-    del events
-    gc.collect()
+@dataclass(frozen=True)
+class _Run:
+    seconds: float
+    cpu_seconds: float
+    samples: int
+    peak_state: int
+    snapshot_bytes: int
+    snapshot_s: float
+    stats: JoinStats
+
+
+def _one_run(batches: list[list[bytes]]) -> _Run:
     cfg = load_config(None)
     models: tuple[ModelConfig, ...] = cfg.models
     joiner = Joiner(models, JoinConfig(), default_schema())
@@ -108,9 +107,33 @@ def main(argv: list[str] | None = None) -> int:
     t_snap = time.perf_counter() - t1
     joiner.flush_all()
     samples += sum(len(v) for v in joiner.drain().values())
-    stats = joiner.stats
+    return _Run(t_stream, cpu_stream, samples, peak_state, len(blob), t_snap, joiner.stats)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="200k impressions instead of 1M")
+    ap.add_argument("--impressions", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="runs; medians are reported")
+    args = ap.parse_args(argv)
+    n = args.impressions or (200_000 if args.quick else 1_000_000)
+    events = synth_stream(n)
+    # As in the pipeline, events reach the joiner as log messages decoded batch by batch, so the
+    # collector sees the same live objects (the joiner's state, fresh events, outputs).
+    batches = [
+        [encode_event(ev) for ev in events[i : i + BATCH]] for i in range(0, len(events), BATCH)
+    ]
+    n_events = len(events)
+    del events
+    gc.collect()
+    runs = [_one_run(batches) for _ in range(args.repeats)]
+    t_stream = statistics.median(r.seconds for r in runs)
+    cpu_stream = statistics.median(r.cpu_seconds for r in runs)
+    last = runs[-1]
+    stats, samples, peak_state, t_snap = last.stats, last.samples, last.peak_state, last.snapshot_s
     result = {
         "bench": "join",
+        "repeats": args.repeats,
         "impressions": n,
         "events": n_events,
         "seconds": round(t_stream, 3),
@@ -124,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "orphans": stats.orphans,
         "duplicates": stats.duplicates,
         "state_entries_at_end": peak_state,
-        "snapshot_bytes": len(blob),
+        "snapshot_bytes": last.snapshot_bytes,
         "snapshot_s": round(t_snap, 3),
     }
     print(json.dumps(result))

@@ -121,3 +121,15 @@ def test_online_learning_exports_versions_with_lineage(tmp_path: Path, small_cfg
     assert versions[0].samples_seen < versions[1].samples_seen < versions[2].samples_seen
     assert all(0.0 <= w.auc <= 1.0 for w in reports if not np.isnan(w.auc))
     log.close()
+
+
+def test_resume_from_a_checkpoint_without_pipeline_state_fails(
+    tmp_path: Path, small_cfg: Config
+) -> None:
+    from minutely.model import build_model
+    from minutely.train import Trainer, save_checkpoint
+
+    model = build_model(small_cfg.model("ctr"), default_schema())
+    save_checkpoint(tmp_path / "checkpoints", model, Trainer(model, small_cfg.train), {})
+    with pytest.raises(CheckpointError, match=r"has no readable pipeline\.json"):
+        make_pipeline(small_cfg, tmp_path, resume=True)

@@ -98,3 +98,18 @@ def test_reading_a_record_that_is_not_a_letter_names_its_place(
     log.append(t, [(None, b'{"reason": "r"}', 2)])
     with pytest.raises(StreamError, match=rf"'{t}' partition 0 offset 1: not a dead letter"):
         read_dead_letters(log, t)
+
+
+def test_a_restored_sink_keeps_counting_and_can_write_elsewhere(
+    log: Log, new_topic: NewTopic
+) -> None:
+    topic = new_topic("dead")
+    written: list[tuple[bytes | None, bytes, int]] = []
+    sink = DeadLetterSink(log, topic, write=written.extend, counts_by_reason={"invalid event": 2})
+    assert sink.count == 2
+    sink.send(b"x", "invalid event: bad", "events/0@7", 5)
+    sink.send(b"y", "undecodable event: eof", "events/1@9", 6)
+    assert sink.counts_by_reason == {"invalid event": 3, "undecodable event": 1}
+    assert sink.count == 4
+    assert [m[0] for m in written] == [b"events/0", b"events/1"]
+    assert read_dead_letters(log, topic) == []  # the custom writer got them, not the log

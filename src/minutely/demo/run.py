@@ -190,6 +190,7 @@ def run_demo(
             "samples": stats.samples,
             "dead_letters": stats.dead_letters,
             "dead_letters_by_reason": stats.dead_letters_by_reason,
+            "late_events": stats.late,
             "malformed_injected": pipe.source.corrupted,
             "versions_exported": pipe.exporter.state.exported,
         },
