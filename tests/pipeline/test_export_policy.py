@@ -17,7 +17,7 @@ def exporter(tmp_path: Path, state: ExportState | None = None) -> Exporter:
         Registry(tmp_path),
         cfg,
         default_schema(),
-        ExportConfig(every_min=10, min_samples=100),
+        ExportConfig(every_min=10, min_samples=100, keep_versions=2),
         state,
     )
 
@@ -46,3 +46,12 @@ def test_online_versions_descend_from_the_base(tmp_path: Path) -> None:
     restored = exporter(tmp_path, ExportState.from_dict(ex.state.to_dict()))
     assert restored.state == ex.state
     assert restored.state.exported == 2
+
+
+def test_exports_keep_the_newest_versions_and_their_base(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ex = exporter(tmp_path)
+    model = build_model(ModelConfig(buckets=64, embedding_dim=2, hidden=(4,)), default_schema())
+    base = ex.export(model, 0, 1_000, {}, as_base=True)
+    online = [ex.export(model, i * 10 * MIN, 1_000 + i * 200, {}).version for i in range(1, 5)]
+    assert Registry(tmp_path).versions("ctr") == [base.version, *online[-2:]]

@@ -134,7 +134,6 @@ def run_demo(
             for end in online_ticks:
                 res = pipe.tick(end, on_events=scorer.score_window)
                 if res.exported is not None:
-                    registry.prune(model_cfg.name, keep=cfg.export.keep_versions)
                     server.wait_for_version(model_cfg.name, res.exported.version)
                 bar.update()
         timings["online_s"] = time.perf_counter() - t0

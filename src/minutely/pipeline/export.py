@@ -76,6 +76,8 @@ class Exporter:
             parent=self.state.last_version,
             base=None if as_base else self.state.base_version,
         )
+        # Retention: the newest keep_versions, plus every kept version's base and a pinned one.
+        self._registry.prune(self._model_cfg.name, keep=self._cfg.keep_versions)
         st = self.state
         st.last_export_ms = now_ms
         st.samples_at_last_export = samples_seen

@@ -45,7 +45,7 @@ import safetensors.torch
 import torch
 
 from minutely.errors import ArtifactError, ChecksumMismatchError, SchemaError, SchemaMismatchError
-from minutely.registry.fsutil import (
+from minutely.fsutil import (
     fsync_dir,
     fsync_file,
     replace_atomically,

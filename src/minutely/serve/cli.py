@@ -36,7 +36,7 @@ import torch
 import uvicorn
 
 from minutely.errors import MinutelyError, SchemaError
-from minutely.registry.fsutil import replace_atomically
+from minutely.fsutil import replace_atomically
 from minutely.schema import Schema, default_schema
 from minutely.serve.app import DEFAULT_MAX_INSTANCES, create_app
 

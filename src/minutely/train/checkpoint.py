@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from minutely.errors import CheckpointError, SchemaMismatchError
+from minutely.fsutil import fsync_dir, write_file_durably
 from minutely.model.base import CtrModel
 from minutely.train.trainer import Trainer, TrainerState
 
@@ -132,16 +133,16 @@ def save_checkpoint(
             "files": files,
         }
         _write(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     pointer = directory / (LATEST + ".tmp")
     _write(pointer, (final.name + "\n").encode())
     os.replace(pointer, directory / LATEST)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     for _, old in _checkpoints(directory)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -149,19 +150,8 @@ def save_checkpoint(
 
 
 def _write(path: Path, data: bytes | memoryview) -> dict[str, Any]:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_file_durably(path, data)
     return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _checkpoints(directory: Path) -> list[tuple[int, Path]]:

@@ -1,4 +1,4 @@
-"""Durable, atomic file-system steps the registry is built from.
+"""Durable, atomic file-system steps the registry and the checkpoints are built from.
 
 A reader must never see a half-written file or version: content goes to a temporary name in the
 same directory, is fsynced, then renamed into place (rename is atomic within one file system),
@@ -31,7 +31,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: Path, data: bytes) -> None:
+def write_file_durably(path: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` and fsync it (the caller makes it visible atomically)."""
     with open(path, "wb") as f:
         f.write(data)
