@@ -44,6 +44,16 @@ def test_round_trip_all_kinds() -> None:
         (b'{"type":"view","imp_id":1,"ts_ms":2}', "Invalid value 'view'"),
         (b'{"type":"click","imp_id":1,"ts_ms":2,"x":1}', "unknown field `x`"),
         (b"\xff\x00", "undecodable event"),
+        (b'{"type":"click","imp_id":9223372036854775808,"ts_ms":2}', r"\$\.imp_id"),
+        (b'{"type":"click","imp_id":-1,"ts_ms":2}', r"Expected `int` >= 0 - at `\$\.imp_id`"),
+        (
+            b'{"type":"impression","imp_id":1,"ts_ms":2,"features":{"a":[' + b"9" * 30 + b"]}}",
+            r"at `\$\.features\[\.\.\.\]\[0\]`",
+        ),
+        (
+            b'{"type":"impression","imp_id":1,"ts_ms":2,"features":{"a":' + b"9" * 400 + b"}}",
+            r"at `\$\.features\[\.\.\.\]`",
+        ),
     ],
 )
 def test_decode_errors(raw: bytes, message: str) -> None:

@@ -13,31 +13,36 @@ True
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import msgspec
 
 from minutely.errors import EventError
 from minutely.schema import Schema
 
-FeatureValue = int | float | list[int]
+# Ids and times are int64 on the wire to the trainer (Arrow, torch): a larger integer is bad
+# input, refused at decode time rather than failing a later stage.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+NonNegInt64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+FeatureValue = Int64 | float | list[Int64]
 
 
 class Impression(msgspec.Struct, tag="impression", frozen=True, forbid_unknown_fields=True):
     """An ad shown to a user; ``features`` are logged by the ad server at request time."""
 
-    imp_id: int
-    ts_ms: int
+    imp_id: NonNegInt64
+    ts_ms: NonNegInt64
     features: dict[str, FeatureValue]
 
 
 class Click(msgspec.Struct, tag="click", frozen=True, forbid_unknown_fields=True):
-    imp_id: int
-    ts_ms: int
+    imp_id: NonNegInt64
+    ts_ms: NonNegInt64
 
 
 class Conversion(msgspec.Struct, tag="conversion", frozen=True, forbid_unknown_fields=True):
-    imp_id: int
-    ts_ms: int
+    imp_id: NonNegInt64
+    ts_ms: NonNegInt64
 
 
 Event = Impression | Click | Conversion

@@ -99,3 +99,23 @@ def test_corrupt_variants_are_each_malformed() -> None:
     assert "missing required field `ts_ms`" in reasons[1]
     assert "Expected `int`, got `str`" in reasons[2]
     assert "in the future" in reasons[3]
+
+
+def test_ids_beyond_int64_are_dead_lettered_not_fatal(tmp_path: Path, small_cfg: Config) -> None:
+    import msgspec
+
+    log = SqliteLog(tmp_path / "log.sqlite")
+    js = stage(small_cfg, log)
+    ts = small_cfg.sim.start_ms + 1_000
+    batch = Market(small_cfg.sim).events_between(small_cfg.sim.start_ms, ts + 60_000)
+    good = batch.messages()
+    doc = msgspec.json.decode(good[0][1])
+    big_id = msgspec.json.encode({**doc, "imp_id": 2**63})
+    big_feature = msgspec.json.encode({**doc, "features": {**doc["features"], "ad_id": 2**64}})
+    log.append("events", [*good, (b"x", big_id, ts), (b"x", big_feature, ts)])
+    js.run()
+    js.advance_to(small_cfg.sim.start_ms + MS_PER_HOUR)
+    assert js.stats.dead_letters == 2
+    assert js.stats.samples["ctr"] == batch.count(0)
+    reasons = [d.reason for d in read_dead_letters(log, "dead_letters")]
+    assert all("<= 9223372036854775807" in r for r in reasons)

@@ -14,6 +14,7 @@ from minutely.clock import MS_PER_HOUR
 from minutely.config import Config
 from minutely.data import decode_batch
 from minutely.errors import CheckpointError
+from minutely.registry import Registry
 from minutely.schema import default_schema
 from minutely.stream import SqliteLog, read_dead_letters
 
@@ -36,6 +37,15 @@ def sample_keys(log: SqliteLog, topic: str) -> list[tuple[int, bool]]:
     return keys
 
 
+def lineage(run_dir: Path) -> list[tuple[str, int, str | None, int]]:
+    reg = Registry(run_dir / "registry")
+    out = []
+    for v in reg.versions("ctr"):
+        m = reg.manifest("ctr", v)
+        out.append((m.version, m.created_ms, m.parent, m.samples_seen))
+    return out
+
+
 def ticks(cfg: Config, n: int) -> list[int]:
     return [cfg.sim.start_ms + 3 * MS_PER_HOUR + (i + 1) * WINDOW for i in range(n)]
 
@@ -56,6 +66,8 @@ def test_crash_and_restore_loses_nothing_and_counts_nothing_twice(
     ref_keys = sample_keys(ref_log, "samples.ctr")
     ref_seen = ref.trainer.samples_seen
     ref_dead = read_dead_letters(ref_log, "dead_letters")
+    ref_versions = lineage(tmp_path / "ref")
+    ref_events = ref.join.stats.events
     ref_state = {k: v.clone() for k, v in ref.model.state_dict().items()}
     ref_log.close()
 
@@ -77,6 +89,10 @@ def test_crash_and_restore_loses_nothing_and_counts_nothing_twice(
     assert b.trainer.samples_seen == ref_seen
     assert read_dead_letters(b_log, "dead_letters") == ref_dead
     assert b.join.stats.dead_letters == ref.join.stats.dead_letters == len(ref_dead) > 0
+    assert b.join.stats.events == ref_events
+    # a version published after the checkpoint, before the crash, is adopted, not re-published
+    assert lineage(run) == ref_versions
+    assert len(ref_versions) >= 3
     for k, v in b.model.state_dict().items():
         torch.testing.assert_close(v, ref_state[k], msg=f"weights differ at {k}")
     b_log.close()
@@ -132,4 +148,44 @@ def test_resume_from_a_checkpoint_without_pipeline_state_fails(
     model = build_model(small_cfg.model("ctr"), default_schema())
     save_checkpoint(tmp_path / "checkpoints", model, Trainer(model, small_cfg.train), {})
     with pytest.raises(CheckpointError, match=r"has no readable pipeline\.json"):
+        make_pipeline(small_cfg, tmp_path, resume=True)
+
+
+def test_resume_refuses_different_message_shaping_settings(
+    tmp_path: Path, small_cfg: Config
+) -> None:
+    pipe, log = make_pipeline(small_cfg, tmp_path, corrupt_every=50)
+    warm_up(pipe, small_cfg)
+    log.close()
+    with pytest.raises(CheckpointError, match="written with corrupt_every=50, this pipeline has"):
+        make_pipeline(small_cfg, tmp_path, corrupt_every=0, resume=True)
+    other = replace(small_cfg, train=replace(small_cfg.train, batch_size=128))
+    with pytest.raises(CheckpointError, match="written with batch_size=256"):
+        make_pipeline(other, tmp_path, corrupt_every=50, resume=True)
+
+
+def test_resume_against_a_shorter_log_is_refused(tmp_path: Path, small_cfg: Config) -> None:
+    pipe, log = make_pipeline(small_cfg, tmp_path)
+    warm_up(pipe, small_cfg)
+    log.close()
+    (tmp_path / "log.sqlite").unlink()
+    with pytest.raises(CheckpointError, match=r"the checkpoint counts \d+ records but the log"):
+        make_pipeline(small_cfg, tmp_path, resume=True)
+
+
+def test_resume_with_malformed_pipeline_state_is_refused(tmp_path: Path, small_cfg: Config) -> None:
+    import json
+
+    from minutely.model import build_model
+    from minutely.train import Trainer, save_checkpoint
+
+    model = build_model(small_cfg.model("ctr"), default_schema())
+    pipe, log = make_pipeline(small_cfg, tmp_path)
+    warm_up(pipe, small_cfg)
+    log.close()
+    blob = json.dumps({"shape": pipe._shape(0), "now_ms": 5}).encode()
+    save_checkpoint(
+        tmp_path / "checkpoints", model, Trainer(model, small_cfg.train), {"pipeline.json": blob}
+    )
+    with pytest.raises(CheckpointError, match=r"has a malformed pipeline\.json \(KeyError"):
         make_pipeline(small_cfg, tmp_path, resume=True)

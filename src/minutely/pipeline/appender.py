@@ -4,7 +4,8 @@ A stage that writes to the log and crashes after writing but before its checkpoi
 restored, produce those same messages again. Every producer in minutely is deterministic given its
 restored state and inputs (the simulator by seed, the join by its input order), so the re-produced
 messages are identical, in the same order, to the ones already in the log. The checkpoint records
-each output partition's end offset; on restore the appender drops, per partition, as many messages
+each output partition's end offset (and the settings that shape the messages, which a restore
+checks); on restore the appender drops, per partition, as many messages
 as the log already holds beyond that offset. Nothing is lost and nothing is written twice, on any
 backend, without transactions.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from minutely.errors import CheckpointError
 from minutely.stream import Log, partitions_for
 
 
@@ -26,7 +28,13 @@ class IdempotentAppender:
         self._skip = {p: 0 for p in range(self._partitions)}
         if checkpointed_ends is not None:
             for p, end in checkpointed_ends.items():
-                self._skip[int(p)] = max(0, log.end_offset(topic, int(p)) - int(end))
+                have = log.end_offset(topic, int(p))
+                if have < int(end):
+                    raise CheckpointError(
+                        f"topic {topic!r} partition {p}: the checkpoint counts {end} records "
+                        f"but the log holds {have} (a different or truncated log)"
+                    )
+                self._skip[int(p)] = have - int(end)
 
     @property
     def topic(self) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minutely.config import ExportConfig, ModelConfig
+from minutely.errors import ArtifactError
 from minutely.model import CtrModel
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
@@ -63,7 +64,17 @@ class Exporter:
         *,
         as_base: bool = False,
     ) -> Manifest:
-        """Publish now; ``as_base`` marks a day model that later online versions descend from."""
+        """Publish now; ``as_base`` marks a day model that later online versions descend from.
+
+        Exactly once across a restore: if the registry already holds the version this export
+        would publish (same time, parent, base and sample count), an incarnation that crashed
+        before its checkpoint published it, and it is adopted instead of published again.
+        """
+        base = None if as_base else self.state.base_version
+        done = self._already_published(now_ms, samples_seen, base)
+        if done is not None:
+            self._record(done, now_ms, samples_seen, as_base)
+            return done
         manifest = self._registry.publish(
             self._model_cfg.name,
             {k: v.detach() for k, v in model.state_dict().items()},
@@ -74,10 +85,35 @@ class Exporter:
             metrics=metrics,
             samples_seen=samples_seen,
             parent=self.state.last_version,
-            base=None if as_base else self.state.base_version,
+            base=base,
         )
         # Retention: the newest keep_versions, plus every kept version's base and a pinned one.
         self._registry.prune(self._model_cfg.name, keep=self._cfg.keep_versions)
+        self._record(manifest, now_ms, samples_seen, as_base)
+        return manifest
+
+    def _already_published(
+        self, now_ms: int, samples_seen: int, base: str | None
+    ) -> Manifest | None:
+        name = self._model_cfg.name
+        last = self.state.last_version
+        for version in reversed(self._registry.versions(name)):
+            if last is not None and version <= last:
+                break  # versions sort by number; anything older predates the checkpoint
+            try:
+                m = self._registry.manifest(name, version)
+            except ArtifactError:
+                continue  # an unreadable version is never adopted
+            if (m.created_ms, m.parent, m.base, m.samples_seen) == (
+                now_ms,
+                last,
+                base,
+                samples_seen,
+            ):
+                return m
+        return None
+
+    def _record(self, manifest: Manifest, now_ms: int, samples_seen: int, as_base: bool) -> None:
         st = self.state
         st.last_export_ms = now_ms
         st.samples_at_last_export = samples_seen
@@ -85,7 +121,6 @@ class Exporter:
         st.exported += 1
         if as_base:
             st.base_version = manifest.version
-        return manifest
 
     def maybe_export(
         self, model: CtrModel, now_ms: int, samples_seen: int, metrics: dict[str, float]

@@ -83,9 +83,29 @@ class OnlinePipeline:
                 raise CheckpointError(
                     f"resume: checkpoint in {checkpoint_dir} has no readable {PIPELINE_STATE}"
                 ) from exc
-            self.now_ms = int(state["now_ms"])
-            self.windows_done = int(state["windows_done"])
-            self.clock.advance_to(self.now_ms)
+        try:
+            if state is not None:
+                self._check_shape(state, corrupt_every)
+                self.now_ms = int(state["now_ms"])
+                self.windows_done = int(state["windows_done"])
+                self.clock.advance_to(self.now_ms)
+            self._build(cfg, model_cfg, schema, log, market, registry, corrupt_every, state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"resume: checkpoint in {checkpoint_dir} has a malformed {PIPELINE_STATE} ({exc!r})"
+            ) from exc
+
+    def _build(
+        self,
+        cfg: Config,
+        model_cfg: ModelConfig,
+        schema: Schema,
+        log: Log,
+        market: Market,
+        registry: Registry,
+        corrupt_every: int,
+        state: dict[str, Any] | None,
+    ) -> None:
         models = [model_cfg]
         log.create_topic(cfg.stream.raw_topic, cfg.stream.partitions)
         self.source = SimSource(
@@ -114,7 +134,8 @@ class OnlinePipeline:
             cfg.train.batch_size,
             positions=None if state is None else _int_keys(state["learner"]["positions"]),
         )
-        self.learner = OnlineLearner(trainer, self.samples, cfg.train)
+        self.learner = OnlineLearner(self.trainer, self.samples, cfg.train)
+        self._corrupt_every = corrupt_every
         self.exporter = Exporter(
             registry,
             model_cfg,
@@ -157,6 +178,7 @@ class OnlinePipeline:
 
     def checkpoint(self) -> Path:
         state = {
+            "shape": self._shape(self._corrupt_every),
             "now_ms": self.now_ms,
             "windows_done": self.windows_done,
             "source": {"ends": self.source.ends(), "produced": self.source.produced},
@@ -168,6 +190,31 @@ class OnlinePipeline:
         return save_checkpoint(
             self.checkpoint_dir, self.model, self.trainer, {PIPELINE_STATE: blob}
         )
+
+    def _shape(self, corrupt_every: int) -> dict[str, Any]:
+        """Settings that decide how many messages each stage writes: a restore must match them,
+        or the exactly-once skip counts would drop or repeat messages."""
+        return {
+            "model": self.model_cfg.name,
+            "partitions": self.cfg.stream.partitions,
+            "batch_size": self.cfg.train.batch_size,
+            "corrupt_every": corrupt_every,
+            "sim_seed": self.cfg.sim.seed,
+        }
+
+    def _check_shape(self, state: dict[str, Any], corrupt_every: int) -> None:
+        want = self._shape(corrupt_every)
+        got = state.get("shape")
+        if not isinstance(got, dict):
+            raise CheckpointError(
+                f"resume: checkpoint in {self.checkpoint_dir} has no pipeline settings"
+            )
+        for key, value in want.items():
+            if got.get(key) != value:
+                raise CheckpointError(
+                    f"resume: checkpoint in {self.checkpoint_dir} was written with {key}="
+                    f"{got.get(key)!r}, this pipeline has {key}={value!r}"
+                )
 
 
 def _int_keys(d: dict[str, Any]) -> dict[int, int]:
