@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert pipe["dead_letters"] == pipe["malformed_injected"] > 0
     assert len(list((tmp_path / "registry" / "ctr").glob("v*"))) <= 4  # kept 3 + the base
     assert any("day model only" in line for line in lines)
+    # the replay rule: each request answered by the newest version created before it arrived
+    served = results["served"]
+    assert len(served) == online["versions_served"]
+    assert sum(v["requests"] for v in served) == results["impressions_scored"]
+    for prev, nxt in itertools.pairwise(served):
+        assert prev["created_ms"] <= prev["first_request_ms"]
+        assert prev["last_request_ms"] < nxt["created_ms"] <= nxt["first_request_ms"]
 
 
 def test_demo_refuses_a_conversion_model(tmp_path: Path) -> None:
@@ -67,3 +75,9 @@ def test_eventual_labels_use_the_attribution_window() -> None:
     click_ts = np.array([500, 1_500, 10])
     labels = eventual_click_labels(imp_ids, imp_ts, click_ids, click_ts, 1_000, imp_ids)
     assert labels.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_demo_needs_windows_that_tile_a_day(tmp_path: Path) -> None:
+    cfg = load_config(None, {"train": {"window_s": 7}})
+    with pytest.raises(ConfigError, match=r"'train\.window_s': expected a divisor of 86400"):
+        run_demo(cfg, run_dir=tmp_path, progress=False)

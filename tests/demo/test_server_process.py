@@ -21,3 +21,39 @@ def test_a_server_without_versions_reports_clear_errors(tmp_path: Path) -> None:
 def test_a_server_that_cannot_start_names_its_log(tmp_path: Path) -> None:
     with pytest.raises(ServeError, match=r"exited with code \d+ at start; see .*server\.log"):
         ServerProcess(tmp_path / "registry", ["bad/name"], tmp_path, 0.05)
+
+
+def test_a_refused_version_fails_at_once_with_the_reason(tmp_path: Path) -> None:
+    import dataclasses
+
+    from minutely.config import ModelConfig
+    from minutely.model import build_model
+    from minutely.registry import Registry
+    from minutely.schema import default_schema
+
+    reg = Registry(tmp_path / "registry")
+    cfg = ModelConfig(arch="lr", buckets=64)
+    schema = default_schema()
+    man = reg.publish(
+        "ctr",
+        build_model(cfg, schema).state_dict(),
+        created_ms=0,
+        arch="lr",
+        model_config=dataclasses.asdict(cfg),
+        schema=schema,
+        metrics={},
+        samples_seen=0,
+    )
+    weights = tmp_path / "registry" / "ctr" / man.version / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with ServerProcess(tmp_path / "registry", ["ctr"], tmp_path, 0.05) as server:
+        with pytest.raises(ServeError, match=f"refused ctr {man.version}: .*sha256"):
+            server.wait_for_version("ctr", man.version, timeout_s=30)
+        server._proc.kill()
+        server._proc.wait()
+        with pytest.raises(ServeError, match="did not answer"):
+            server.status("ctr")
+        with pytest.raises(ServeError, match="did not answer"):
+            server.predict("ctr", [{"user_id": 1}])

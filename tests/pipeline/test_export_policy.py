@@ -55,3 +55,22 @@ def test_exports_keep_the_newest_versions_and_their_base(tmp_path: Path) -> None
     base = ex.export(model, 0, 1_000, {}, as_base=True)
     online = [ex.export(model, i * 10 * MIN, 1_000 + i * 200, {}).version for i in range(1, 5)]
     assert Registry(tmp_path).versions("ctr") == [base.version, *online[-2:]]
+
+
+def test_batch_mode_keeps_only_final_labels() -> None:
+    import pyarrow as pa
+
+    from minutely.pipeline.day import final_labels
+
+    table = pa.table(
+        {
+            "sample_id": [1, 2, 3, 2],
+            "label": [0, 0, 1, 1],
+            "is_correction": [False, False, False, True],
+        }
+    )
+    out = final_labels(table)
+    assert out.column("sample_id").to_pylist() == [1, 3, 2]
+    assert out.column("label").to_pylist() == [0, 1, 1]
+    clean = table.slice(0, 3)
+    assert final_labels(clean) is clean

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -50,6 +51,27 @@ def new_run_dir(root: Path) -> Path:
     raise FileExistsError(f"could not create a run folder under {root}")
 
 
+def served_versions(
+    versions: list[str], ts_ms: np.ndarray, created: dict[str, int]
+) -> list[dict[str, Any]]:
+    """Each version that answered, with the span of request times it answered for."""
+    out: list[dict[str, Any]] = []
+    for version, t in zip(versions, ts_ms.tolist(), strict=True):
+        if not out or out[-1]["version"] != version:
+            out.append(
+                {
+                    "version": version,
+                    "created_ms": created.get(version),
+                    "first_request_ms": t,
+                    "last_request_ms": t,
+                    "requests": 0,
+                }
+            )
+        out[-1]["last_request_ms"] = t
+        out[-1]["requests"] += 1
+    return out
+
+
 def run_demo(
     cfg: Config,
     run_dir: Path | None = None,
@@ -62,6 +84,8 @@ def run_demo(
     model_cfg = cfg.model(cfg.demo.model)
     if model_cfg.label != "click":
         raise ConfigError("demo.model", "a model whose label is 'click'", cfg.demo.model)
+    if MS_PER_DAY % (cfg.train.window_s * 1000):
+        raise ConfigError("train.window_s", "a divisor of 86400 for the demo", cfg.train.window_s)
     run_dir = run_dir if run_dir is not None else new_run_dir(Path(cfg.demo.runs_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     echo(f"minutely demo: run folder {run_dir}")
@@ -111,13 +135,15 @@ def run_demo(
         day_report = train_batch_mode(
             trainer, pipe.samples, online_start, cfg.train.day_epochs, cfg.train.seed
         )
+        day_metrics = {"train_auc": day_report.train_auc, "train_logloss": day_report.train_logloss}
         base = pipe.exporter.export(
             model,
             online_start,
             trainer.samples_seen,
-            {"train_auc": day_report.train_auc, "train_logloss": day_report.train_logloss},
+            {k: v for k, v in day_metrics.items() if math.isfinite(v)},
             as_base=True,
         )
+        pipe.checkpoint()  # a resume starts online learning from the trained day model
         day_model = copy.deepcopy(model).eval()
         timings["day_model_s"] = time.perf_counter() - t0
 
@@ -131,9 +157,11 @@ def run_demo(
             scorer = ReplayScorer(
                 server, model_cfg.name, day_model, schema, model_cfg.buckets, cfg.demo.score_batch
             )
+            created = {base.version: base.created_ms}
             for end in online_ticks:
                 res = pipe.tick(end, on_events=scorer.score_window)
                 if res.exported is not None:
+                    created[res.exported.version] = res.exported.created_ms
                     server.wait_for_version(model_cfg.name, res.exported.version)
                 bar.update()
         timings["online_s"] = time.perf_counter() - t0
@@ -184,6 +212,7 @@ def run_demo(
             "online": {**score(online, labels), "versions_served": len(set(s.versions))},
         },
         "hourly": hourly,
+        "served": served_versions(s.versions, ts, created),
         "pipeline": {
             "raw_events": stats.events,
             "samples": stats.samples,

@@ -55,7 +55,12 @@ class ServerProcess:
         self._enc = msgspec.json.Encoder()
 
     def status(self, model: str) -> dict[str, Any]:
-        r = self.client.get(f"/v1/models/{model}")
+        try:
+            r = self.client.get(f"/v1/models/{model}")
+        except httpx.HTTPError as exc:
+            raise ServeError(
+                f"inference server at {self.url} did not answer ({exc}); see {self._log_path}"
+            ) from exc
         if r.status_code != 200:
             return {}
         out: dict[str, Any] = r.json()
@@ -64,9 +69,12 @@ class ServerProcess:
     def wait_for_version(self, model: str, version: str, timeout_s: float = 60.0) -> None:
         """Block until the server answers with ``version`` (it polls the registry)."""
         deadline = time.monotonic() + timeout_s
-        while self.status(model).get("version") != version:
-            if self._proc.poll() is not None:
-                raise ServeError(f"inference server died; see {self._log_path}")
+        while (status := self.status(model)).get("version") != version:
+            for refusal in status.get("refused", []):
+                if refusal.get("version") == version:
+                    raise ServeError(
+                        f"inference server refused {model} {version}: {refusal.get('reason')}"
+                    )
             if time.monotonic() > deadline:
                 raise ServeError(
                     f"inference server did not load {model} {version} in {timeout_s} s "
@@ -76,11 +84,16 @@ class ServerProcess:
 
     def predict(self, model: str, instances: list[dict[str, Any]]) -> tuple[str, list[float]]:
         body = self._enc.encode({"instances": instances})
-        r = self.client.post(
-            f"/v1/models/{model}:predict",
-            content=body,
-            headers={"content-type": "application/json"},
-        )
+        try:
+            r = self.client.post(
+                f"/v1/models/{model}:predict",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise ServeError(
+                f"inference server at {self.url} did not answer ({exc}); see {self._log_path}"
+            ) from exc
         if r.status_code != 200:
             raise ServeError(f"predict failed with HTTP {r.status_code}: {r.text[:300]}")
         doc = r.json()

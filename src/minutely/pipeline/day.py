@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from minutely.evaluate import MetricSet
 from minutely.pipeline.learner import SampleWindows
@@ -21,6 +22,21 @@ class BatchModeReport:
     train_logloss: float
 
 
+def final_labels(table: pa.Table) -> pa.Table:
+    """A complete slice knows every label: drop each negative that a correction superseded.
+
+    Online, a sample first emitted as a negative and later corrected is trained on twice (the
+    negative, then the positive); a batch mode that sees both keeps only the final label.
+    """
+    corrected = pc.filter(table["sample_id"], table["is_correction"])
+    if len(corrected) == 0:
+        return table
+    superseded = pc.and_(
+        pc.invert(table["is_correction"]), pc.is_in(table["sample_id"], value_set=corrected)
+    )
+    return table.filter(pc.invert(superseded))
+
+
 def train_batch_mode(
     trainer: Trainer, windows: SampleWindows, end_ms: int, epochs: int, seed: int
 ) -> BatchModeReport:
@@ -32,6 +48,7 @@ def train_batch_mode(
     table = windows.read_table(end_ms)
     if table is None:
         return BatchModeReport(0, epochs, 0, float("nan"), float("nan"))
+    table = final_labels(table)
     rng = np.random.default_rng(seed)
     metrics = MetricSet()
     steps = 0
