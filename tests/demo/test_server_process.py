@@ -57,3 +57,9 @@ def test_a_refused_version_fails_at_once_with_the_reason(tmp_path: Path) -> None
             server.status("ctr")
         with pytest.raises(ServeError, match="did not answer"):
             server.predict("ctr", [{"user_id": 1}])
+
+
+def test_a_server_slower_than_its_start_timeout_is_stopped(tmp_path: Path) -> None:
+    (tmp_path / "registry").mkdir()
+    with pytest.raises(ServeError, match=r"did not start in 0\.01 s"):
+        ServerProcess(tmp_path / "registry", ["ctr"], tmp_path, 0.05, start_timeout_s=0.01)

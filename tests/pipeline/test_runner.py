@@ -183,9 +183,15 @@ def test_resume_with_malformed_pipeline_state_is_refused(tmp_path: Path, small_c
     pipe, log = make_pipeline(small_cfg, tmp_path)
     warm_up(pipe, small_cfg)
     log.close()
-    blob = json.dumps({"shape": pipe._shape(0), "now_ms": 5}).encode()
-    save_checkpoint(
-        tmp_path / "checkpoints", model, Trainer(model, small_cfg.train), {"pipeline.json": blob}
-    )
-    with pytest.raises(CheckpointError, match=r"has a malformed pipeline\.json \(KeyError"):
-        make_pipeline(small_cfg, tmp_path, resume=True)
+    for state, message in [
+        ({"shape": pipe._shape(0), "now_ms": 5}, r"has a malformed pipeline\.json \(KeyError"),
+        ({"now_ms": 5}, "has no pipeline settings"),
+    ]:
+        save_checkpoint(
+            tmp_path / "checkpoints",
+            model,
+            Trainer(model, small_cfg.train),
+            {"pipeline.json": json.dumps(state).encode()},
+        )
+        with pytest.raises(CheckpointError, match=message):
+            make_pipeline(small_cfg, tmp_path, resume=True)
