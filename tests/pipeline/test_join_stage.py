@@ -119,3 +119,17 @@ def test_ids_beyond_int64_are_dead_lettered_not_fatal(tmp_path: Path, small_cfg:
     assert js.stats.samples["ctr"] == batch.count(0)
     reasons = [d.reason for d in read_dead_letters(log, "dead_letters")]
     assert all("<= 9223372036854775807" in r for r in reasons)
+
+
+def test_small_read_slices_join_the_same_as_one_read(tmp_path: Path, small_cfg: Config) -> None:
+    counts = []
+    for name, slice_size in (("one", 200_000), ("sliced", 37)):
+        log = SqliteLog(tmp_path / f"{name}.sqlite")
+        js = stage(small_cfg, log)
+        source = SimSource(Market(small_cfg.sim), log, small_cfg.stream.raw_topic, corrupt_every=40)
+        source.produce(small_cfg.sim.start_ms, small_cfg.sim.start_ms + MS_PER_HOUR)
+        assert js.run(max_records=slice_size) == sum(source.ends().values())
+        js.advance_to(small_cfg.sim.start_ms + MS_PER_HOUR)
+        counts.append((js.stats.samples, js.stats.dead_letters, js.stats.events))
+        log.close()
+    assert counts[0] == counts[1]

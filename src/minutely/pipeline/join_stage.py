@@ -81,12 +81,13 @@ class JoinStage:
 
     # -- running ------------------------------------------------------------------------------
 
-    def run(self, max_records: int = 20_000) -> int:
+    def run(self, max_records: int = 200_000) -> int:
         """Join every raw record logged before the clock's now; returns how many were read.
 
         Reading up to the clock, not to the end of the log, keeps a replay deterministic: a
         restored stage sees the same records per tick as the run it replaces, even when that run
-        had already logged later records before it stopped.
+        had already logged later records before it stopped. ``max_records`` bounds one read (a
+        long backlog is taken in slices); a larger slice re-reads fewer rows across partitions.
         """
         now = self._clock.now_ms()
         max_future = self._ingest.max_future_s * 1000
