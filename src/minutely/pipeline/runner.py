@@ -89,7 +89,7 @@ class OnlinePipeline:
                 self.now_ms = int(state["now_ms"])
                 self.windows_done = int(state["windows_done"])
                 self.clock.advance_to(self.now_ms)
-            self._build(cfg, model_cfg, schema, log, market, registry, corrupt_every, state)
+            self._build(market, registry, corrupt_every, state)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"resume: checkpoint in {checkpoint_dir} has a malformed {PIPELINE_STATE} ({exc!r})"
@@ -97,15 +97,13 @@ class OnlinePipeline:
 
     def _build(
         self,
-        cfg: Config,
-        model_cfg: ModelConfig,
-        schema: Schema,
-        log: Log,
         market: Market,
         registry: Registry,
         corrupt_every: int,
         state: dict[str, Any] | None,
     ) -> None:
+        """The stages, fresh or from a checkpoint's ``state``."""
+        cfg, model_cfg, schema, log = self.cfg, self.model_cfg, self.schema, self.log
         models = [model_cfg]
         log.create_topic(cfg.stream.raw_topic, cfg.stream.partitions)
         self.source = SimSource(
