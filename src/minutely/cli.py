@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from minutely.config import load_config
+from minutely.config import load_config, merge_tables
 from minutely.errors import ConfigError, MinutelyError
 
 
@@ -36,15 +36,6 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(a.get(k), dict):
-            _merge(a[k], v)
-        else:
-            a[k] = v
-    return a
-
-
 QUICK = {
     "sim": {"impressions_per_day": 60_000, "users": 20_000, "campaigns_per_hour": 6},
     "demo": {"corrupt_every": 2_000},
@@ -65,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides: dict[str, Any] = {}
         if args.quick:
-            overrides = _merge(overrides, {k: dict(v) for k, v in QUICK.items()})
+            overrides = merge_tables(overrides, QUICK)
         for item in args.set:
-            overrides = _merge(overrides, parse_override(item))
+            overrides = merge_tables(overrides, parse_override(item))
         cfg = load_config(args.config, overrides)
         from minutely.demo.run import run_demo
 

@@ -186,7 +186,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("<file>", f"valid TOML ({exc})", str(p)) from exc
     if overrides:
-        data = _merge(data, overrides)
+        data = merge_tables(data, overrides)
     cfg: Config = _build(Config, data, "")
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
@@ -196,11 +196,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top, table by table (neither argument is changed)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_tables(out[k], v)
         else:
             out[k] = v
     return out

@@ -74,3 +74,10 @@ def test_batch_mode_keeps_only_final_labels() -> None:
     assert out.column("label").to_pylist() == [0, 1, 1]
     clean = table.slice(0, 3)
     assert final_labels(clean) is clean
+
+
+def test_undefined_metrics_are_left_out_of_the_manifest(tmp_path: Path) -> None:
+    ex = exporter(tmp_path)
+    model = build_model(ModelConfig(buckets=64, embedding_dim=2, hidden=(4,)), default_schema())
+    m = ex.export(model, 0, 1_000, {"window_auc": float("nan"), "window_logloss": 0.13})
+    assert m.metrics == {"window_logloss": 0.13}

@@ -16,10 +16,9 @@ import numpy as np
 from minutely.data import instances_to_tensors
 from minutely.demo.server import ServerProcess
 from minutely.evaluate import AUC, PCOC, LogLoss
-from minutely.events import Impression
 from minutely.model import CtrModel
 from minutely.schema import Schema
-from minutely.sim import EventBatch
+from minutely.sim import IMPRESSION, EventBatch
 
 
 @dataclass
@@ -52,17 +51,17 @@ class ReplayScorer:
         self.scores = ReplayScores()
 
     def score_window(self, events: EventBatch) -> None:
-        imps = [e for e in events.events() if isinstance(e, Impression)]
-        for i in range(0, len(imps), self._batch):
-            chunk = imps[i : i + self._batch]
-            instances: list[dict[str, Any]] = [dict(e.features) for e in chunk]
-            version, preds = self._server.predict(self._name, instances)
-            day = self._day_model.predict(
-                instances_to_tensors(instances, self._schema, self._buckets)
-            )
+        is_imp = events.kind == IMPRESSION
+        imp_ids = events.imp_id[is_imp]
+        imp_ts = events.ts_ms[is_imp]
+        instances: list[dict[str, Any]] = list(events.feature_dicts())
+        for i in range(0, len(instances), self._batch):
+            chunk = instances[i : i + self._batch]
+            version, preds = self._server.predict(self._name, chunk)
+            day = self._day_model.predict(instances_to_tensors(chunk, self._schema, self._buckets))
             s = self.scores
-            s.imp_ids.append(np.fromiter((e.imp_id for e in chunk), np.int64, len(chunk)))
-            s.ts_ms.append(np.fromiter((e.ts_ms for e in chunk), np.int64, len(chunk)))
+            s.imp_ids.append(np.asarray(imp_ids[i : i + self._batch], dtype=np.int64))
+            s.ts_ms.append(np.asarray(imp_ts[i : i + self._batch], dtype=np.int64))
             s.online.append(np.asarray(preds, dtype=np.float64))
             s.day_only.append(day.detach().numpy().astype(np.float64))
             s.versions.extend([version] * len(chunk))

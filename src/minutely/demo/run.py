@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -135,12 +134,11 @@ def run_demo(
         day_report = train_batch_mode(
             trainer, pipe.samples, online_start, cfg.train.day_epochs, cfg.train.seed
         )
-        day_metrics = {"train_auc": day_report.train_auc, "train_logloss": day_report.train_logloss}
         base = pipe.exporter.export(
             model,
             online_start,
             trainer.samples_seen,
-            {k: v for k, v in day_metrics.items() if math.isfinite(v)},
+            {"train_auc": day_report.train_auc, "train_logloss": day_report.train_logloss},
             as_base=True,
         )
         pipe.checkpoint()  # a resume starts online learning from the trained day model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,7 +83,8 @@ class Exporter:
             arch=self._model_cfg.arch,
             model_config=dataclasses.asdict(self._model_cfg),
             schema=self._schema,
-            metrics=metrics,
+            # An undefined metric (AUC of a slice without positives) is left out, not NaN.
+            metrics={k: v for k, v in metrics.items() if math.isfinite(v)},
             samples_seen=samples_seen,
             parent=self.state.last_version,
             base=base,

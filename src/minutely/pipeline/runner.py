@@ -10,7 +10,6 @@ resumes after the last processed item: nothing lost, nothing counted twice.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,11 +221,9 @@ def _int_keys(d: dict[str, Any]) -> dict[int, int]:
 def _window_metrics(report: WindowReport | None) -> dict[str, float]:
     if report is None:
         return {}
-    values = {
+    return {
         "window_auc": report.auc,
         "window_logloss": report.logloss,
         "window_pcoc": report.pcoc,
         "window_samples": float(report.n),
     }
-    # An undefined metric (AUC of a window without positives) is left out, not written as NaN.
-    return {k: v for k, v in values.items() if math.isfinite(v)}
