@@ -16,9 +16,11 @@ minutely.errors.ConfigError: config field 'train.batch_size': expected int >= 1,
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,23 +57,76 @@ class SimConfig:
     regime_switch_hour: int | None = field(default=None, metadata=_range(0))
 
 
+class FrozenMap(Mapping[str, str]):
+    """An immutable, hashable and picklable ``str -> str`` mapping (a TOML table of strings).
+
+    >>> m = FrozenMap({"security.protocol": "SSL"})
+    >>> m["security.protocol"], m == {"security.protocol": "SSL"}, hash(m) == hash(FrozenMap(m))
+    ('SSL', True, True)
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, str] = dict(items or {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+
 @dataclass(frozen=True)
 class StreamConfig:
-    """The log that connects the stages."""
+    """The log that connects the stages.
 
-    backend: Literal["sqlite"] = "sqlite"
+    ``backend = "sqlite"`` keeps the log in the file ``path``; ``"kafka"`` uses the brokers at
+    ``bootstrap_servers``, with ``kafka`` passed to every librdkafka client as it is (e.g.
+    ``security.protocol``, ``sasl.*``; a dotted TOML key such as ``sasl.mechanism = "PLAIN"``
+    names the option ``sasl.mechanism``). A group member that has not been heard from for
+    ``session_timeout_s`` is dead and loses its partitions (Kafka brokers refuse less than 6 s by
+    default); a call to an unreachable Kafka broker fails after about ``request_timeout_s``.
+    """
+
+    backend: Literal["sqlite", "kafka"] = "sqlite"
     path: str = "log.sqlite"
     partitions: int = field(default=4, metadata=_range(1, 1024))
     raw_topic: str = "events"
     dead_letter_topic: str = "dead_letters"
+    bootstrap_servers: str = "127.0.0.1:9092"
+    kafka: Mapping[str, str] = field(default_factory=FrozenMap)
+    session_timeout_s: float = field(default=10.0, metadata=_range(1.0))
+    request_timeout_s: float = field(default=30.0, metadata=_range(1.0))
+
+    def __post_init__(self) -> None:
+        # A plain dict passed by a caller would make the frozen config mutable and unhashable.
+        if not isinstance(self.kafka, FrozenMap):
+            object.__setattr__(self, "kafka", FrozenMap(self.kafka))
 
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """Validation of raw events before the join."""
+    """Validation of raw events before the join (see :class:`minutely.events.EventValidator`).
+
+    An event stamped more than ``max_future_s`` ahead of the clock or ``max_past_s`` behind it,
+    a message over ``max_event_bytes`` (refused before decoding), or a ``multi_sparse`` feature
+    with more than ``max_ids_per_feature`` ids is a dead letter.
+    """
 
     max_future_s: int = field(default=300, metadata=_range(0))
     max_past_s: int = field(default=7 * 86_400, metadata=_range(0))
+    max_event_bytes: int = field(default=65_536, metadata=_range(1))
+    max_ids_per_feature: int = field(default=1_024, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -180,9 +235,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if path is not None:
         p = Path(path)
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError("<file>", "an existing TOML file", str(p)) from exc
+        except IsADirectoryError as exc:
+            raise ConfigError("<file>", "a TOML file, not a folder", str(p)) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                "<file>", f"UTF-8 text ({exc.reason} at byte {exc.start})", str(p)
+            ) from exc
+        except OSError as exc:
+            raise ConfigError("<file>", f"a readable file ({exc.strerror or exc})", str(p)) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("<file>", f"valid TOML ({exc})", str(p)) from exc
     if overrides:
@@ -232,6 +295,9 @@ def _build(cls: type[Any], data: object, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _tname(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -248,6 +314,11 @@ def _coerce(tp: Any, value: object, where: str) -> Any:
         if value not in args:
             raise ConfigError(where, f"one of {list(args)}", value)
         return value
+    if origin in (dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(where, "a table", value)
+        items = {k: _coerce(args[1], v, f"{where}.{k}") for k, v in _flatten(value).items()}
+        return items if origin is dict else FrozenMap(items)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(where, "an array", value)
@@ -262,13 +333,35 @@ def _coerce(tp: Any, value: object, where: str) -> Any:
     if tp is int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(where, "int", value)
+        # TOML ints are 64-bit, but Python callers and --set overrides are not bound by TOML.
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ConfigError(where, f"int within 64 bits ({_INT64_MIN}..{_INT64_MAX})", value)
         return value
     if tp is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(where, "float", value)
-        return float(value)
+        try:
+            as_float = float(value)
+        except OverflowError:  # an int too large for any float
+            as_float = math.inf
+        if not math.isfinite(as_float):
+            raise ConfigError(where, "a finite float", value)
+        return as_float
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(where, "a string", value)
         return value
     raise ConfigError(where, f"a supported type ({tp})", value)  # pragma: no cover
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A table with its nested tables folded into dotted keys: TOML reads the dotted key
+    ``sasl.mechanism = "PLAIN"`` as ``{"sasl": {"mechanism": "PLAIN"}}``, while client options
+    are named ``sasl.mechanism``."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kafka_broker import session_broker
 from minutely.config import StreamConfig
 from minutely.stream import Log, open_log
 
@@ -27,7 +28,21 @@ class LogFactory:
 
 
 def _sqlite(tmp_path: Path) -> LogFactory:
-    return LogFactory(StreamConfig(backend="sqlite", path="log.sqlite"), tmp_path)
+    # A short session timeout keeps the tests of dead group members quick.
+    cfg = StreamConfig(backend="sqlite", path="log.sqlite", session_timeout_s=1.5)
+    return LogFactory(cfg, tmp_path)
 
 
-BACKENDS: dict[str, Callable[[Path], LogFactory]] = {"sqlite": _sqlite}
+def _kafka(tmp_path: Path) -> LogFactory:
+    # The session's broker; each test's topics are unique (the ``new_topic`` fixture). 6 s is the
+    # broker's shortest session timeout; 10 s bounds the tests of an unreachable broker.
+    cfg = StreamConfig(
+        backend="kafka",
+        bootstrap_servers=session_broker().bootstrap,
+        session_timeout_s=6.0,
+        request_timeout_s=10.0,
+    )
+    return LogFactory(cfg, tmp_path)
+
+
+BACKENDS: dict[str, Callable[[Path], LogFactory]] = {"sqlite": _sqlite, "kafka": _kafka}

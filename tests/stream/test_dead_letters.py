@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 
 from minutely.errors import StreamError
-from minutely.stream import DeadLetter, DeadLetterSink, Log, partition_for, read_dead_letters
+from minutely.stream import (
+    DeadLetter,
+    DeadLetterSink,
+    Log,
+    Record,
+    partition_for,
+    read_dead_letters,
+)
 
 NewTopic = Callable[[str], str]
 
@@ -64,10 +71,38 @@ def test_letters_of_one_source_partition_share_a_partition(log: Log, new_topic: 
     t = new_topic("dead")
     sink = DeadLetterSink(log, t, partitions=4)
     for off in range(5):
-        sink.send(b"x", "r", f"events/3@{off}", off)
+        sink.send(b"x", "r", f"events/3@{off}", off + 1)
     p = partition_for(b"events/3", 4)
-    assert [r.offset for r in log.read(t, p, 0, 10)] == list(range(5))
+    assert len(log.read(t, p, 0, 10)) == 5
     assert [d.source for d in read_dead_letters(log, t)] == [f"events/3@{i}" for i in range(5)]
+
+
+def test_letters_are_routed_by_source_partition_and_read_back_by_a_consumer(
+    log: Log, new_topic: NewTopic
+) -> None:
+    t = new_topic("dead")
+    n = 3
+    sink = DeadLetterSink(log, t, partitions=n)
+    sources = [f"events/{p}@{off}" for off in range(4) for p in range(5)]
+    for i, source in enumerate(sources):
+        sink.send(f"bad {i}".encode(), "invalid event: x", source, i + 1)
+    consumer = log.consumer(t)
+    try:
+        consumer.assign(dict.fromkeys(range(n), 0))
+        records: list[Record] = []
+        while len(records) < len(sources) and (got := consumer.poll(100, timeout_s=5.0)):
+            records += got
+    finally:
+        consumer.close()
+    assert len(records) == len(sources)
+    for r in records:  # each letter sits in the partition of its source's key, keyed by it
+        assert r.key is not None
+        assert r.partition == partition_for(r.key, n)
+    by_source: dict[bytes, list[str]] = {}
+    for r in records:
+        by_source.setdefault(r.key or b"", []).append(json.loads(r.value)["source"])
+    for p in range(5):  # and letters of one source partition keep their order
+        assert by_source[f"events/{p}".encode()] == [f"events/{p}@{off}" for off in range(4)]
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """The embedded log backend: one SQLite file in WAL mode, no server.
 
 Kafka's model on a single file: a topic has a fixed number of partitions, each an append-only
-sequence of records with dense offsets from 0. Several processes may open the same file: any number
-of readers run alongside one another and alongside a writer (WAL), and concurrent writers are
-serialised by ``BEGIN IMMEDIATE``, so two of them never hand out the same offset. Positions belong
-to the callers; the log keeps no consumer state.
+sequence of records. This backend hands out dense offsets from 0, but callers rely only on what
+the :class:`~minutely.stream.base.Log` contract promises (increasing offsets). Several processes
+may open the same file: any number of readers run alongside one another and alongside a writer
+(WAL), and concurrent writers are serialised by ``BEGIN IMMEDIATE``, so two of them never hand
+out the same offset. Positions belong to the callers; the log keeps no offsets for consumers, only
+the membership of consumer groups (:mod:`minutely.stream.sqlite_groups`).
 
 Durability is that of ``synchronous=NORMAL`` in WAL mode: a committed append survives a crash of
 any process; the last commits before a power loss may be rolled back (never half applied).
@@ -13,30 +15,35 @@ any process; the last commits before a power loss may be rolled back (never half
 >>> from pathlib import Path
 >>> with SqliteLog(Path(tempfile.mkdtemp()) / "log.sqlite") as log:
 ...     log.create_topic("events", partitions=2)
-...     log.append("events", [(None, b"a", 1_000), (None, b"b", 1_001)], partition=1)
-...     [r.value for r in log.read("events", 1, 0, 10)], log.end_offset("events", 1)
+...     log.append("events", [(None, b"a", 1_000), (None, b"b", 1_001, (("h", b"1"),))], 1)
+...     [(r.value, r.headers) for r in log.read("events", 1, 0, 10)], log.end_offset("events", 1)
 [(1, 0), (1, 1)]
-([b'a', b'b'], 2)
+([(b'a', ()), (b'b', (('h', b'1'),))], 2)
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn, cast
+
+import msgspec
 
 from minutely.errors import OffsetOutOfRangeError, StreamError, TopicNotFoundError
-from minutely.stream.base import Record
+from minutely.stream.base import Headers, Message, OnAssign, OnRevoke, Record
 from minutely.stream.partitioner import partitions_for
+from minutely.stream.sqlite_consumer import SqliteConsumer
 
-_SCHEMA_VERSION = 1
+# Version 2 added record headers and the consumer-group tables.
+_SCHEMA_VERSION = 2
 
-# Offsets are dense, so the primary key doubles as the read index and the end-offset lookup.
-# WITHOUT ROWID stores each record once, in key order, instead of a rowid table plus an index.
+# The primary key doubles as the read index and the end-offset lookup. WITHOUT ROWID stores each
+# record once, in key order, instead of a rowid table plus an index. Headers are NULL when empty
+# (most records), else a msgpack array of [name, value] pairs.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS topics (
     id INTEGER PRIMARY KEY,
@@ -50,16 +57,38 @@ CREATE TABLE IF NOT EXISTS records (
     key BLOB,
     value BLOB NOT NULL,
     ts_ms INTEGER NOT NULL,
+    headers BLOB,
     PRIMARY KEY (topic_id, part, off)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    grp TEXT NOT NULL,
+    topic_id INTEGER NOT NULL,
+    member TEXT NOT NULL,
+    heartbeat_ms INTEGER NOT NULL,
+    session_ms INTEGER NOT NULL,
+    PRIMARY KEY (grp, topic_id, member)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_owners (
+    grp TEXT NOT NULL,
+    topic_id INTEGER NOT NULL,
+    part INTEGER NOT NULL,
+    member TEXT NOT NULL,
+    PRIMARY KEY (grp, topic_id, part)
 ) WITHOUT ROWID;
 """
 
-_INSERT = "INSERT INTO records (topic_id, part, off, key, value, ts_ms) VALUES (?, ?, ?, ?, ?, ?)"
+_INSERT = (
+    "INSERT INTO records (topic_id, part, off, key, value, ts_ms, headers)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _SELECT = (
-    "SELECT off, key, value, ts_ms FROM records"
-    " WHERE topic_id = ? AND part = ? AND off >= ? AND off < ? ORDER BY off"
+    "SELECT off, key, value, ts_ms, headers FROM records"
+    " WHERE topic_id = ? AND part = ? AND off >= ? ORDER BY off LIMIT ?"
 )
 _END = "SELECT off FROM records WHERE topic_id = ? AND part = ? ORDER BY off DESC LIMIT 1"
+
+_HEADERS_ENCODER = msgspec.msgpack.Encoder()
+_HEADERS_DECODER = msgspec.msgpack.Decoder(tuple[tuple[str, bytes], ...])
 
 
 class SqliteLog:
@@ -68,7 +97,8 @@ class SqliteLog:
     One instance serves one process (threads may share it: calls are serialised by a lock); other
     processes open their own instance on the same path. ``timeout_s`` bounds how long a call waits
     for another process's write transaction before it fails with a
-    :class:`~minutely.errors.StreamError`.
+    :class:`~minutely.errors.StreamError`. ``session_timeout_s`` is how long a group member of
+    this log's consumers may go without polling before the others take its partitions.
 
     >>> import tempfile
     >>> from pathlib import Path
@@ -79,8 +109,20 @@ class SqliteLog:
     >>> log.close()
     """
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: str | Path, *, timeout_s: float = 30.0, session_timeout_s: float = 10.0
+    ) -> None:
         self._path = Path(path)
+        if (
+            isinstance(session_timeout_s, bool)
+            or not isinstance(session_timeout_s, int | float)
+            or not session_timeout_s > 0
+        ):
+            raise StreamError(
+                f"sqlite log {self._path}: session_timeout_s must be a number > 0, "
+                f"got {session_timeout_s!r}"
+            )
+        self._session_timeout_s = float(session_timeout_s)
         self._lock = threading.Lock()
         # A topic's id and partition count never change once created, so caching them stays right
         # while other processes write; misses are not cached (another process may create it).
@@ -106,6 +148,10 @@ class SqliteLog:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def session_timeout_s(self) -> float:
+        return self._session_timeout_s
 
     # --- the Log protocol -------------------------------------------------------------------
 
@@ -142,10 +188,10 @@ class SqliteLog:
     def append(
         self,
         topic: str,
-        messages: list[tuple[bytes | None, bytes, int]],
+        messages: Sequence[Message],
         partition: int | None = None,
     ) -> list[tuple[int, int]]:
-        """Append ``(key, value, ts_ms)`` messages in one transaction; all or none land.
+        """Append ``(key, value, ts_ms[, headers])`` messages in one transaction: all or none land.
 
         Returns ``(partition, offset)`` per message, in order. ``partition`` sends every message
         there; otherwise a keyed message goes to ``partition_for(key, n)`` and an unkeyed one to 0.
@@ -155,22 +201,22 @@ class SqliteLog:
             self._check_partition(topic, partition, n)
         if not messages:
             return []
-        parts = self._route(topic, messages, partition, n)
+        parts, fields = self._route(topic, messages, partition, n)
         with self._write(f"append {len(messages)} records to topic {topic!r}") as conn:
             ends = {p: self._end(conn, topic_id, p) for p in set(parts)}
             rows = []
             placed = []
-            for (key, value, ts_ms), p in zip(messages, parts, strict=True):
+            for (key, value, ts_ms, blob), p in zip(fields, parts, strict=True):
                 off = ends[p]
                 ends[p] = off + 1
-                rows.append((topic_id, p, off, key, value, ts_ms))
+                rows.append((topic_id, p, off, key, value, ts_ms, blob))
                 placed.append((p, off))
             conn.executemany(_INSERT, rows)
         return placed
 
     def read(self, topic: str, partition: int, offset: int, max_records: int) -> list[Record]:
-        """Records ``offset, offset + 1, ...`` of one partition: at most ``max_records``, fewer
-        (possibly none) at the end."""
+        """The records of one partition from ``offset`` on, in order: at most ``max_records``,
+        fewer (possibly none) at the end."""
         topic_id, n = self._topic(topic)
         self._check_partition(topic, partition, n)
         if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
@@ -187,25 +233,44 @@ class SqliteLog:
             self._out_of_range(topic, partition, offset)
         where = f"read topic {topic!r} partition {partition} at offset {offset}"
         with self._read(where) as conn:
-            rows = conn.execute(
-                _SELECT, (topic_id, partition, offset, offset + max_records)
-            ).fetchall()
-            # A row at ``offset`` proves it is in range; only an empty answer needs the end.
-            if not rows:
+            records = self._fetch(conn, topic, topic_id, partition, offset, max_records)
+            # A record at or after ``offset`` proves it is in range; only an empty answer needs
+            # the end.
+            if not records:
                 end = self._end(conn, topic_id, partition)
                 if offset > end:
                     self._out_of_range(topic, partition, offset, end)
-        return [Record(topic, partition, off, key, value, ts) for off, key, value, ts in rows]
+        return records
 
     def end_offset(self, topic: str, partition: int) -> int:
-        """The offset the next appended record will get (the count of records)."""
+        """The offset the next appended record will get."""
         topic_id, n = self._topic(topic)
         self._check_partition(topic, partition, n)
         with self._read(f"end offset of topic {topic!r} partition {partition}") as conn:
             return self._end(conn, topic_id, partition)
 
+    def consumer(
+        self,
+        topic: str,
+        *,
+        group: str | None = None,
+        on_assign: OnAssign | None = None,
+        on_revoke: OnRevoke | None = None,
+    ) -> SqliteConsumer:
+        """A sequential reader of ``topic``: assigned by the caller, or a member of ``group``
+        (see :class:`~minutely.stream.sqlite_consumer.SqliteConsumer`)."""
+        return SqliteConsumer(
+            self,
+            topic,
+            group=group,
+            on_assign=on_assign,
+            on_revoke=on_revoke,
+            session_timeout_s=self._session_timeout_s,
+        )
+
     def close(self) -> None:
-        """Close the connection; later calls raise :class:`StreamError`. Idempotent."""
+        """Close the connection; later calls (also of its consumers) raise :class:`StreamError`.
+        Idempotent."""
         with self._lock:
             if self._conn is not None:
                 conn, self._conn = self._conn, None
@@ -229,40 +294,7 @@ class SqliteLog:
         state = "closed" if self._conn is None else "open"
         return f"SqliteLog({str(self._path)!r}, {state})"
 
-    # --- internals --------------------------------------------------------------------------
-
-    def _setup(self, conn: sqlite3.Connection, timeout_s: float) -> None:
-        conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        # Takes effect only when the file is new; records of ~250 bytes pack better in big pages.
-        conn.execute("PRAGMA page_size = 16384")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StreamError(
-                f"sqlite log {self._path}: expected WAL journal mode, got {mode!r} "
-                "(WAL needs a local file system with shared memory)"
-            )
-        # NORMAL is durable across process crashes in WAL mode and avoids an fsync per commit.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA cache_size = -32768")
-        conn.execute("PRAGMA mmap_size = 268435456")
-        conn.execute("PRAGMA temp_store = MEMORY")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version == _SCHEMA_VERSION:
-            return
-        if version != 0:
-            raise StreamError(
-                f"sqlite log {self._path}: schema version {version}, expected {_SCHEMA_VERSION}"
-            )
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    # --- shared with the consumers ----------------------------------------------------------
 
     @contextmanager
     def _read(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -295,11 +327,6 @@ class SqliteLog:
                     raise StreamError(f"sqlite log {self._path}: {what} failed: {exc}") from exc
                 raise
 
-    def _live(self, what: str) -> sqlite3.Connection:
-        if self._conn is None:
-            raise StreamError(f"sqlite log {self._path}: {what}: the log is closed")
-        return self._conn
-
     def _topic(self, topic: str) -> tuple[int, int]:
         cached = self._topics.get(topic)
         if cached is not None:
@@ -324,36 +351,29 @@ class SqliteLog:
                 f"got partition {partition!r}"
             )
 
-    def _route(
+    def _fetch(
         self,
+        conn: sqlite3.Connection,
         topic: str,
-        messages: list[tuple[bytes | None, bytes, int]],
-        partition: int | None,
-        n: int,
-    ) -> list[int]:
-        keyed: list[int] = []
-        keys: list[bytes] = []
-        for i, msg in enumerate(messages):
-            key, value, ts_ms = msg
-            if (
-                not isinstance(value, bytes)
-                or not (key is None or isinstance(key, bytes))
-                or not isinstance(ts_ms, int)
-            ):
-                raise StreamError(
-                    f"sqlite log {self._path}: append to topic {topic!r}: message {i} must be "
-                    f"(bytes | None, bytes, int), got ({type(key).__name__}, "
-                    f"{type(value).__name__}, {type(ts_ms).__name__})"
-                )
-            if key is not None:
-                keyed.append(i)
-                keys.append(key)
-        if partition is not None:
-            return [partition] * len(messages)
-        parts = [0] * len(messages)
-        for i, p in zip(keyed, partitions_for(keys, n), strict=True):
-            parts[i] = p
-        return parts
+        topic_id: int,
+        partition: int,
+        offset: int,
+        limit: int,
+    ) -> list[Record]:
+        """Up to ``limit`` records of one partition from ``offset`` on (inside ``_read``)."""
+        rows = conn.execute(_SELECT, (topic_id, partition, offset, limit)).fetchall()
+        return [
+            Record(
+                topic,
+                partition,
+                off,
+                key,
+                value,
+                ts,
+                () if h is None else self._decode_headers(topic, partition, off, h),
+            )
+            for off, key, value, ts, h in rows
+        ]
 
     @staticmethod
     def _end(conn: sqlite3.Connection, topic_id: int, partition: int) -> int:
@@ -361,11 +381,133 @@ class SqliteLog:
         return 0 if row is None else int(row[0]) + 1
 
     def _out_of_range(
-        self, topic: str, partition: int, offset: int, end: int | None = None
+        self, topic: str, partition: int, offset: object, end: int | None = None
     ) -> NoReturn:
         if end is None:
             end = self.end_offset(topic, partition)
         raise OffsetOutOfRangeError(
-            f"sqlite log {self._path}: topic {topic!r} partition {partition}: offset {offset} is "
-            f"outside the valid range [0, {end}]"
+            f"sqlite log {self._path}: topic {topic!r} partition {partition}: offset {offset!r} "
+            f"is outside the valid range [0, {end}]"
         )
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _setup(self, conn: sqlite3.Connection, timeout_s: float) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        # Takes effect only when the file is new; records of ~250 bytes pack better in big pages.
+        conn.execute("PRAGMA page_size = 16384")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StreamError(
+                f"sqlite log {self._path}: expected WAL journal mode, got {mode!r} "
+                "(WAL needs a local file system with shared memory)"
+            )
+        # NORMAL is durable across process crashes in WAL mode and avoids an fsync per commit.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA cache_size = -32768")
+        conn.execute("PRAGMA mmap_size = 268435456")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == _SCHEMA_VERSION:
+            return
+        if version != 0:
+            age = "an older" if version < _SCHEMA_VERSION else "a newer"
+            raise StreamError(
+                f"sqlite log {self._path}: schema version {version}, expected "
+                f"{_SCHEMA_VERSION} (the file was written by {age} minutely; read it with that "
+                "version or start a new log file)"
+            )
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _live(self, what: str) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StreamError(f"sqlite log {self._path}: {what}: the log is closed")
+        return self._conn
+
+    def _route(
+        self,
+        topic: str,
+        messages: Sequence[Message],
+        partition: int | None,
+        n: int,
+    ) -> tuple[list[int], list[tuple[bytes | None, bytes, int, bytes | None]]]:
+        """Each message's partition and its ``(key, value, ts_ms, encoded headers)``; refuses the
+        whole batch if any message is malformed, before anything is written."""
+        keyed: list[int] = []
+        keys: list[bytes] = []
+        rows: list[tuple[bytes | None, bytes, int, bytes | None]] = []
+        for i, msg in enumerate(messages):
+            size = len(msg) if isinstance(msg, tuple) else 0
+            if size == 3:
+                key, value, ts_ms = cast(tuple[bytes | None, bytes, int], msg)
+                blob = None
+            elif size == 4:
+                key, value, ts_ms, headers = cast(tuple[bytes | None, bytes, int, Any], msg)
+                blob = None if headers == () else self._encode_headers(topic, i, headers)
+            else:
+                raise StreamError(
+                    f"sqlite log {self._path}: append to topic {topic!r}: message {i} must be a "
+                    f"(key, value, ts_ms[, headers]) tuple, got {_brief(msg)}"
+                )
+            if not (
+                isinstance(value, bytes)
+                and (key is None or isinstance(key, bytes))
+                and isinstance(ts_ms, int)
+            ):
+                raise StreamError(
+                    f"sqlite log {self._path}: append to topic {topic!r}: message {i} must be "
+                    f"(bytes | None, bytes, int[, headers]), got ({type(key).__name__}, "
+                    f"{type(value).__name__}, {type(ts_ms).__name__})"
+                )
+            if key is not None:
+                keyed.append(i)
+                keys.append(key)
+            rows.append((key, value, ts_ms, blob))
+        if partition is not None:
+            return [partition] * len(messages), rows
+        parts = [0] * len(messages)
+        for i, p in zip(keyed, partitions_for(keys, n), strict=True):
+            parts[i] = p
+        return parts, rows
+
+    def _encode_headers(self, topic: str, i: int, headers: Any) -> bytes | None:
+        if not isinstance(headers, tuple):
+            raise StreamError(
+                f"sqlite log {self._path}: append to topic {topic!r}: message {i} headers must "
+                f"be a tuple of (str, bytes) pairs, got {type(headers).__name__}"
+            )
+        for j, pair in enumerate(headers):
+            if (
+                not isinstance(pair, tuple)
+                or len(pair) != 2
+                or not isinstance(pair[0], str)
+                or not isinstance(pair[1], bytes)
+            ):
+                raise StreamError(
+                    f"sqlite log {self._path}: append to topic {topic!r}: message {i} header "
+                    f"{j} must be a (str, bytes) pair, got {_brief(pair)}"
+                )
+        return _HEADERS_ENCODER.encode(headers) if headers else None
+
+    def _decode_headers(self, topic: str, partition: int, offset: int, blob: bytes) -> Headers:
+        try:
+            return _HEADERS_DECODER.decode(blob)
+        except msgspec.DecodeError as exc:
+            raise StreamError(
+                f"sqlite log {self._path}: topic {topic!r} partition {partition} offset "
+                f"{offset}: headers are not a msgpack array of [str, bytes] pairs: {exc}"
+            ) from exc
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
