@@ -16,6 +16,8 @@ what was got.
     │   ├── TopicNotFoundError
     │   └── OffsetOutOfRangeError
     ├── CheckpointError        a checkpoint that is missing, partial or does not match
+    ├── StorageError           a file or folder minutely cannot create or write (a file in the
+    │                          way, a read-only or full file system, no permission)
     ├── ArtifactError          a model artifact that must not be served
     │   ├── ChecksumMismatchError
     │   └── SchemaMismatchError
@@ -67,6 +69,10 @@ class OffsetOutOfRangeError(StreamError):
 
 class CheckpointError(MinutelyError):
     """A checkpoint that is missing, partially written or inconsistent with the pipeline."""
+
+
+class StorageError(MinutelyError):
+    """A file or folder minutely cannot create or write."""
 
 
 class ArtifactError(MinutelyError):

@@ -1,3 +1,9 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +69,51 @@ def test_a_server_slower_than_its_start_timeout_is_stopped(tmp_path: Path) -> No
     (tmp_path / "registry").mkdir()
     with pytest.raises(ServeError, match=r"did not start in 0\.01 s"):
         ServerProcess(tmp_path / "registry", ["ctr"], tmp_path, 0.05, start_timeout_s=0.01)
+
+
+DEMO_PARENT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from minutely.demo.server import ServerProcess
+
+    run_dir = Path(sys.argv[1])
+    server = ServerProcess(run_dir / "registry", ["ctr"], run_dir, 0.05)
+    print(server._proc.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie nobody reaped yet is gone
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signal is Linux-only")
+def test_the_server_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    (tmp_path / "registry").mkdir()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", DEMO_PARENT, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    server_pid = None
+    try:
+        assert parent.stdout is not None
+        server_pid = int(parent.stdout.readline())  # printed once the server listens
+        assert _alive(server_pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(server_pid), f"server {server_pid} outlived the killed demo"
+    finally:
+        parent.kill()
+        parent.wait()
+        assert parent.stdout is not None
+        parent.stdout.close()
+        if server_pid is not None and _alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)

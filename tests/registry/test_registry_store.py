@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
+import os
+import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from minutely.errors import ArtifactError, ChecksumMismatchError, SchemaMismatchError
+from minutely.errors import (
+    ArtifactError,
+    ChecksumMismatchError,
+    SchemaMismatchError,
+    StorageError,
+)
 from minutely.registry import (
     MANIFEST_FILE,
     POINTER_FILE,
@@ -424,3 +434,115 @@ def test_prune_keeps_newest_pinned_and_bases(reg: Registry) -> None:
     assert _publish(reg, seed=9).version == "v00000007"
     with pytest.raises(ArtifactError, match=r"keep: expected an int >= 1, got 0"):
         reg.prune("ctr", keep=0)
+
+
+# --- leftovers and storage errors ----------------------------------------------------------------
+
+
+def _leftover(mdir: Path, name: str, age_s: float) -> Path:
+    d = mdir / name
+    d.mkdir(parents=True)
+    (d / WEIGHTS_FILE).write_bytes(b"partial")
+    then = time.time() - age_s
+    for p in (d / WEIGHTS_FILE, d):
+        os.utime(p, (then, then))
+    return d
+
+
+def test_opening_a_registry_removes_stale_leftovers_of_crashes(tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    _publish(Registry(root))
+    stale = [
+        _leftover(root / "ctr", ".tmp-crashed", 3600),
+        _leftover(root / "ctr", ".trash-v00000009-abc", 3600),
+        _leftover(root / "cvr", ".tmp-old", 3600),
+    ]
+    in_progress = _leftover(root / "ctr", ".tmp-publishing", 1)  # another publisher, now
+    reg = Registry(root)
+    assert [d.exists() for d in stale] == [False, False, False]
+    assert in_progress.is_dir()
+    assert reg.versions("ctr") == ["v00000001"]
+
+
+def test_publish_and_prune_remove_stale_leftovers_too(reg: Registry) -> None:
+    _publish(reg)
+    old_tmp = _leftover(reg.root / "ctr", ".tmp-crashed", 3600)
+    _publish(reg, seed=1)
+    assert not old_tmp.exists()
+    old_trash = _leftover(reg.root / "ctr", ".trash-v00000001-x", 3600)
+    reg.prune("ctr", keep=5)
+    assert not old_trash.exists()
+
+
+def test_opening_a_missing_registry_creates_nothing(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "registry")
+    assert not reg.root.exists()
+    assert reg.versions("ctr") == []
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_a_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "registry"
+    _publish(Registry(root))
+    stale = _leftover(root / "ctr", ".tmp-crashed", 3600)
+
+    def read_only(path: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", read_only)
+    with caplog.at_level(logging.WARNING):
+        reg = Registry(root)
+    assert stale.is_dir()
+    assert f"cannot remove stale {stale}" in caplog.text
+    assert "Read-only file system" in caplog.text
+    assert reg.serving_version("ctr") == "v00000001"
+
+
+def test_publishing_into_a_root_that_is_a_file_names_it(tmp_path: Path) -> None:
+    root = tmp_path / "registry"
+    root.write_text("")
+    with pytest.raises(
+        StorageError,
+        match=rf"^registry folder of 'ctr' {root / 'ctr'}: expected a writable folder, got a file "
+        r"where a parent folder should be",
+    ):
+        _publish(Registry(root))
+
+
+def test_a_full_disk_during_publish_names_the_file_and_leaves_nothing(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _publish(reg)
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if "/.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StorageError, match=r"/\.tmp-\w+/weights\.safetensors: expected to sync"):
+        _publish(reg, seed=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (reg.root / "ctr").iterdir()) == ["v00000001"]
+
+
+def test_a_prune_on_a_read_only_file_system_names_the_version(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(2):
+        _publish(reg, seed=i)
+
+    def read_only(src: object, dst: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "rename", read_only)
+    with pytest.raises(
+        StorageError,
+        match=rf"^{reg.root / 'ctr' / 'v00000001'}: expected to move it to \.trash-v00000001-\w+ "
+        r"for removal, got a read-only file system \(EROFS",
+    ):
+        reg.prune("ctr", keep=1)
+    monkeypatch.undo()
+    assert reg.versions("ctr") == ["v00000001", "v00000002"]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +23,7 @@ import torch
 
 from minutely.config import ModelConfig, TrainConfig
 from minutely.data.tensors import TensorBatch
-from minutely.errors import CheckpointError
+from minutely.errors import CheckpointError, StorageError
 from minutely.model import CtrModel, build_model, synthetic_batch
 from minutely.schema import FeatureSpec, Schema, default_schema
 from minutely.train import (
@@ -284,10 +290,10 @@ def test_a_bad_latest_pointer_is_refused(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, model, trainer)
     (tmp_path / "LATEST").write_text("../../etc\n")
     with pytest.raises(CheckpointError, match=r"LATEST: expected a name like 'ckpt-00000001'"):
-        load_latest_checkpoint(tmp_path, model, trainer)
+        latest_checkpoint(tmp_path)
     (tmp_path / "LATEST").write_text("ckpt-00000009\n")
     with pytest.raises(CheckpointError, match=r"LATEST: names 'ckpt-00000009', which does not"):
-        load_latest_checkpoint(tmp_path, model, trainer)
+        latest_checkpoint(tmp_path)
 
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
@@ -309,3 +315,208 @@ def test_checkpoint_tensors_reads_verified_weights(tmp_path: Path) -> None:
     own = model.flat_state_dict()
     assert set(tensors) == set(own)
     assert all(torch.equal(tensors[k], own[k]) for k in own)
+
+
+# -- falling back to the newest valid checkpoint -----------------------------------------
+
+
+def three_checkpoints(root: Path) -> list[Path]:
+    """Checkpoints 1..3 of one trainer, one step apart; extra ``n`` holds the step count."""
+    model, trainer = setup()
+    paths = []
+    for k in range(3):
+        trainer.train_step(batch(k))
+        paths.append(save_checkpoint(root, model, trainer, {"n": str(trainer.steps).encode()}))
+    return paths
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate_manifest(path: Path) -> None:
+    manifest = path / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[Path], object], str]] = {
+    "a file deleted": (
+        lambda p: (p / "optim.dense.pt").unlink(),
+        r"file 'optim\.dense\.pt' is missing",
+    ),
+    "a file's bytes changed": (
+        lambda p: flip_last_byte(p / "model.safetensors"),
+        r"file 'model\.safetensors': expected sha256",
+    ),
+    "a truncated manifest": (truncate_manifest, r"malformed manifest\.json"),
+    "LATEST naming a missing folder": (
+        lambda p: shutil.rmtree(p),
+        r"LATEST: names 'ckpt-00000003', which does not exist",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    paths = three_checkpoints(tmp_path)
+    corrupt, reason = CORRUPTIONS[how]
+    corrupt(paths[-1])
+    model, trainer = setup(seed=5)
+    with caplog.at_level(logging.WARNING, logger="minutely.checkpoint"):
+        extras = load_latest_checkpoint(tmp_path, model, trainer)
+    assert extras == {"n": b"2"}
+    assert trainer.steps == 2
+    warnings = [r for r in caplog.records if r.name == "minutely.checkpoint"]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+    message = warnings[0].getMessage()
+    assert re.search(rf"^skipped checkpoint\(s\) in {tmp_path}: .*{reason}", message)
+    assert "ckpt-00000003" in message
+    assert message.endswith(f"; loaded {paths[1]} instead")
+
+
+def test_the_fallback_reaches_past_several_corrupt_checkpoints(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = three_checkpoints(tmp_path)
+    flip_last_byte(paths[2] / "trainer.json")
+    (paths[1] / "manifest.json").unlink()
+    model, trainer = setup(seed=5)
+    with caplog.at_level(logging.WARNING, logger="minutely.checkpoint"):
+        assert load_latest_checkpoint(tmp_path, model, trainer) == {"n": b"1"}
+    text = caplog.text
+    assert "ckpt-00000003: file 'trainer.json': expected sha256" in text
+    assert "ckpt-00000002: no manifest.json" in text
+
+
+def test_a_garbled_latest_pointer_falls_back_to_the_newest_valid_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    three_checkpoints(tmp_path)
+    (tmp_path / "LATEST").write_text("ckpt-000")  # cut short
+    model, trainer = setup(seed=5)
+    with caplog.at_level(logging.WARNING, logger="minutely.checkpoint"):
+        assert load_latest_checkpoint(tmp_path, model, trainer) == {"n": b"3"}
+    assert "LATEST: expected a name like 'ckpt-00000001', got 'ckpt-000'" in caplog.text
+
+
+def test_a_checkpoint_never_committed_by_latest_is_not_a_fallback(tmp_path: Path) -> None:
+    paths = three_checkpoints(tmp_path)
+    (tmp_path / "LATEST").write_text("ckpt-00000002\n")  # as if the third save died before it
+    flip_last_byte(paths[1] / "model.safetensors")
+    model, trainer = setup(seed=5)
+    assert load_latest_checkpoint(tmp_path, model, trainer) == {"n": b"1"}
+
+
+def test_no_valid_checkpoint_names_the_directory_and_every_reason(tmp_path: Path) -> None:
+    paths = three_checkpoints(tmp_path)
+    for p in paths:
+        flip_last_byte(p / "model.safetensors")
+    model, trainer = setup(seed=5)
+    before = {k: v.clone() for k, v in model.flat_state_dict().items()}
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^checkpoint directory {tmp_path}: expected a valid checkpoint, got none of 3 "
+        r"\(ckpt-00000003: .*expected sha256 .*; ckpt-00000002: .*; ckpt-00000001: .*\)",
+    ):
+        load_latest_checkpoint(tmp_path, model, trainer)
+    assert all(torch.equal(before[k], v) for k, v in model.flat_state_dict().items())
+    assert trainer.steps == 0
+
+
+def test_latest_naming_a_missing_folder_with_nothing_else_is_refused(tmp_path: Path) -> None:
+    model, trainer = setup()
+    shutil.rmtree(save_checkpoint(tmp_path, model, trainer))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^checkpoint directory {tmp_path}: expected a valid checkpoint, got none of 0 "
+        r"\(LATEST: names 'ckpt-00000001', which does not exist\)",
+    ):
+        load_latest_checkpoint(tmp_path, model, trainer)
+
+
+def test_a_valid_checkpoint_that_does_not_fit_the_model_is_refused_not_skipped(
+    tmp_path: Path,
+) -> None:
+    three_checkpoints(tmp_path)
+    lr_model, lr_trainer = setup(arch="lr")
+    with pytest.raises(CheckpointError, match=r"ckpt-00000003: expected a lr model on schema"):
+        load_latest_checkpoint(tmp_path, lr_model, lr_trainer)
+
+
+def test_three_checkpoints_are_kept_by_default_for_the_fallback(tmp_path: Path) -> None:
+    model, trainer = setup()
+    for _ in range(5):
+        save_checkpoint(tmp_path, model, trainer)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [
+        "ckpt-00000003",
+        "ckpt-00000004",
+        "ckpt-00000005",
+    ]
+
+
+# -- leftovers and storage errors --------------------------------------------------------
+
+
+def test_loading_removes_stale_temporary_folders_but_not_fresh_ones(tmp_path: Path) -> None:
+    model, trainer = setup()
+    save_checkpoint(tmp_path, model, trainer, {"n": b"1"})
+    stale = tmp_path / ".tmp-ckpt-crashed"
+    fresh = tmp_path / ".tmp-ckpt-writing"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    then = time.time() - 3600
+    for p in (stale / "model.safetensors", stale):
+        os.utime(p, (then, then))
+    assert load_latest_checkpoint(tmp_path, model, trainer) == {"n": b"1"}
+    assert not stale.exists()
+    assert fresh.is_dir()
+
+
+def test_a_checkpoint_directory_that_is_a_file_is_a_storage_error(tmp_path: Path) -> None:
+    model, trainer = setup()
+    target = tmp_path / "checkpoints"
+    target.write_text("")
+    with pytest.raises(
+        StorageError, match=rf"^checkpoint folder {target}: expected a writable folder, got a file"
+    ):
+        save_checkpoint(target, model, trainer)
+
+
+def test_loading_from_a_checkpoint_directory_that_is_a_file_names_it(tmp_path: Path) -> None:
+    model, trainer = setup()
+    target = tmp_path / "checkpoints"
+    target.write_text("")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^checkpoint directory {target}: expected a folder, got a file in the way",
+    ):
+        load_latest_checkpoint(target, model, trainer)
+
+
+def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, trainer = setup()
+    first = save_checkpoint(tmp_path, model, trainer, {"n": b"1"})
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        # Delayed allocation: a full disk often shows only when the data is flushed.
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path / ".tmp-ckpt-")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(
+        StorageError, match=r"\.tmp-ckpt-\w+/model\.safetensors: expected to write \d+ bytes"
+    ):
+        save_checkpoint(tmp_path, model, trainer, {"n": b"2"})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "ckpt-00000001"]

@@ -13,10 +13,15 @@ import httpx
 import msgspec
 
 from minutely.errors import ServeError
+from minutely.procs import spawn_child
 
 
 class ServerProcess:
-    """``python -m minutely.serve`` in a child process, with an HTTP client to it."""
+    """``python -m minutely.serve`` in a child process, with an HTTP client to it.
+
+    The child is started by :func:`~minutely.procs.spawn_child`: it stops when this process
+    dies, however it dies, and a Ctrl-C reaches only this process (which then closes it).
+    """
 
     def __init__(
         self,
@@ -37,7 +42,8 @@ class ServerProcess:
         cmd += ["--host", host, "--port", str(port), "--port-file", str(self._port_file)]
         cmd += ["--poll-interval", str(poll_interval_s)]
         self._log = self._log_path.open("wb")
-        self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        # Dies with this process even when it is SIGKILLed (no close() runs then).
+        self._proc = spawn_child(cmd, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + start_timeout_s
         while not (self._port_file.exists() and self._port_file.read_text().strip()):
             if self._proc.poll() is not None:

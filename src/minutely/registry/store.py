@@ -11,6 +11,13 @@ A version is written into a temporary directory, fsynced and renamed into place,
 sees a complete version or none. Version numbers only grow; two publishers racing for the same
 number both succeed, one of them with the next number.
 
+A crashed publish or prune leaves a ``.tmp-*`` or ``.trash-*`` folder. Opening a registry, and
+every publish and prune, removes those in which nothing changed for ``STALE_LEFTOVER_S``
+seconds: a concurrent publisher's folder is younger (its files are being written), so it is
+never touched. Removal is best effort, so a server that only reads (perhaps from a read-only
+mount) opens the registry all the same. A folder that cannot be written fails a publish with a
+:class:`~minutely.errors.StorageError` naming it.
+
 >>> import tempfile, torch
 >>> from minutely.schema import default_schema
 >>> reg = Registry(Path(tempfile.mkdtemp()))
@@ -44,10 +51,19 @@ import safetensors
 import safetensors.torch
 import torch
 
-from minutely.errors import ArtifactError, ChecksumMismatchError, SchemaError, SchemaMismatchError
+from minutely.errors import (
+    ArtifactError,
+    ChecksumMismatchError,
+    SchemaError,
+    SchemaMismatchError,
+    StorageError,
+)
 from minutely.fsutil import (
+    describe_os_error,
+    ensure_writable_dir,
     fsync_dir,
     fsync_file,
+    remove_stale_dirs,
     replace_atomically,
     sha256_file,
     write_file_durably,
@@ -70,6 +86,8 @@ POINTER_FILE = "serving.json"
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MAX_PUBLISH_RACES = 1_000
 _ENCODER = msgspec.json.Encoder()
+_LEFTOVER_PREFIXES = (".tmp-", ".trash-")
+STALE_LEFTOVER_S = 60.0  # far longer than any pause between two writes of a live publish
 
 
 class _Pointer(msgspec.Struct, forbid_unknown_fields=True):
@@ -81,6 +99,13 @@ class Registry:
 
     def __init__(self, root: Path | str) -> None:
         self._root = Path(root)
+        self._writable: set[str] = set()  # model folders proven writable by this instance
+        try:
+            models = [p for p in self._root.iterdir() if _MODEL_RE.match(p.name) and p.is_dir()]
+        except OSError:
+            models = []  # no registry yet (or not a folder: a publish will say so)
+        for mdir in models:
+            remove_stale_dirs(mdir, _LEFTOVER_PREFIXES, min_age_s=STALE_LEFTOVER_S)
 
     @property
     def root(self) -> Path:
@@ -125,11 +150,23 @@ class Registry:
             ) from exc
         prepared = _prepare_tensors(model, tensors)
 
-        mdir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=mdir))
+        if model not in self._writable:
+            ensure_writable_dir(mdir, f"registry folder of {model!r}")
+            self._writable.add(model)
+        remove_stale_dirs(mdir, _LEFTOVER_PREFIXES, min_age_s=STALE_LEFTOVER_S)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=mdir))
+        except OSError as exc:
+            raise StorageError(
+                f"registry folder of {model!r} {mdir}: expected a writable folder, got "
+                f"{describe_os_error(exc)}"
+            ) from exc
         try:
             weights = tmp / WEIGHTS_FILE
-            safetensors.torch.save_file(prepared, str(weights))
+            try:
+                safetensors.torch.save_file(prepared, str(weights))
+            except (OSError, safetensors.SafetensorError) as exc:
+                raise StorageError(f"{weights}: expected to write the weights, got {exc}") from exc
             fsync_file(weights)
             digest, size = sha256_file(weights)
             for _ in range(_MAX_PUBLISH_RACES):
@@ -157,7 +194,10 @@ class Registry:
                 except OSError as exc:
                     if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                         continue
-                    raise
+                    raise StorageError(
+                        f"{mdir / version}: expected to rename {tmp.name} into place, got "
+                        f"{describe_os_error(exc)}"
+                    ) from exc
                 fsync_dir(mdir)
                 logger.info("published %s/%s (%d bytes)", model, version, size)
                 return manifest
@@ -203,6 +243,7 @@ class Registry:
             if base is not None:
                 kept.add(base)
         mdir = self._model_dir(model)
+        remove_stale_dirs(mdir, _LEFTOVER_PREFIXES, min_age_s=STALE_LEFTOVER_S)
         removed: list[str] = []
         for version in versions:
             if version in kept:
@@ -212,6 +253,11 @@ class Registry:
                 os.rename(mdir / version, trash)
             except FileNotFoundError:
                 continue  # removed by a concurrent prune
+            except OSError as exc:
+                raise StorageError(
+                    f"{mdir / version}: expected to move it to {trash.name} for removal, got "
+                    f"{describe_os_error(exc)}"
+                ) from exc
             shutil.rmtree(trash, ignore_errors=True)
             removed.append(version)
         if removed:

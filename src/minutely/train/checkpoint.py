@@ -11,12 +11,20 @@ Layout of a checkpoint directory::
         extra.<name>                 the caller's opaque blobs (log offsets, join state, ...)
         manifest.json                written last: sha256 and size of every file above
     <directory>/.tmp-ckpt-*          a save in progress, or one that crashed (ignored; removed
-                                     by the next save)
+                                     by the next save, and by a load once a minute old)
 
 A save writes and fsyncs every file in a temporary directory, renames it to ``ckpt-<seq>``, and
 only then replaces ``LATEST`` (``os.replace``): a crash at any point leaves ``LATEST`` naming a
 complete checkpoint. One process writes to a directory at a time. The last ``keep`` checkpoints
-are kept.
+are kept, so a restore has older ones to fall back on.
+
+:func:`load_latest_checkpoint` verifies a checkpoint's manifest and the sha256 of every file
+before it uses it. When the newest committed checkpoint is damaged (a file missing or changed,
+a truncated manifest, ``LATEST`` naming a folder that is gone or garbled) it logs a warning on
+the ``minutely.checkpoint`` logger and restores the newest older one that verifies; it raises
+:class:`~minutely.errors.CheckpointError` naming the directory only when none does. A
+checkpoint that verifies but does not fit the model is refused, never skipped: that is a
+configuration mistake, not damage.
 
 >>> import tempfile, torch
 >>> from pathlib import Path
@@ -38,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,9 +60,11 @@ import torch
 from torch import Tensor
 
 from minutely.errors import CheckpointError, SchemaMismatchError
-from minutely.fsutil import fsync_dir, write_file_durably
+from minutely.fsutil import ensure_writable_dir, fsync_dir, remove_stale_dirs, write_file_durably
 from minutely.model.base import CtrModel
 from minutely.train.trainer import Trainer, TrainerState
+
+logger = logging.getLogger("minutely.checkpoint")
 
 FORMAT = 1
 LATEST = "LATEST"
@@ -64,6 +75,9 @@ _TMP_PREFIX = ".tmp-ckpt-"
 _NAME = re.compile(r"ckpt-(\d{8})")
 _EXTRA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A temporary folder untouched this long is a crashed save's, not a live one's (loads only:
+# saves remove every temporary folder, since one process writes to a directory at a time).
+STALE_TMP_S = 60.0
 
 
 def _optim_file(name: str) -> str:
@@ -100,8 +114,7 @@ def save_checkpoint(
     not_bytes = {n: type(b).__name__ for n, b in extra.items() if not isinstance(b, bytes)}
     if not_bytes:
         raise ValueError(f"save_checkpoint: expected bytes as extra values, got {not_bytes}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_writable_dir(Path(directory), "checkpoint folder")
     for stale in directory.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
     seq = max((s for s, _ in _checkpoints(directory)), default=0) + 1
@@ -185,9 +198,60 @@ def latest_checkpoint(directory: Path) -> Path | None:
 def load_latest_checkpoint(
     directory: Path, model: CtrModel, trainer: Trainer
 ) -> dict[str, bytes] | None:
-    """Restore the latest checkpoint in place (see :func:`load_checkpoint`); ``None`` if none."""
-    path = latest_checkpoint(directory)
-    return None if path is None else load_checkpoint(path, model, trainer)
+    """Restore the newest valid checkpoint in place (see :func:`load_checkpoint`).
+
+    ``None`` if no checkpoint was ever committed (no ``LATEST``). Damaged checkpoints are skipped
+    with a warning; :class:`CheckpointError` if none of them verifies.
+    """
+    directory = Path(directory)
+    remove_stale_dirs(directory, (_TMP_PREFIX,), min_age_s=STALE_TMP_S)
+    pointer = directory / LATEST
+    try:
+        committed = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError as exc:
+        raise CheckpointError(
+            f"checkpoint directory {directory}: expected a folder, got a file in the way"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        committed = f"<unreadable: {exc}>"
+    skipped: list[str] = []
+    found = _checkpoints(directory)
+    m = _NAME.fullmatch(committed)
+    if m is None:
+        skipped.append(
+            f"{LATEST}: expected a name like 'ckpt-00000001', got {committed!r}; trying every "
+            "checkpoint"
+        )
+    else:
+        # Newer folders were never committed; an older one is a restore point of its own.
+        found = [(seq, p) for seq, p in found if seq <= int(m.group(1))]
+        if not (directory / committed).is_dir():
+            skipped.append(f"{LATEST}: names {committed!r}, which does not exist")
+    for _, path in reversed(found):
+        try:
+            manifest, blobs = _verified(path)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        if skipped:
+            logger.warning(
+                "skipped checkpoint(s) in %s: %s; loaded %s instead",
+                directory,
+                "; ".join(skipped),
+                path,
+            )
+        return _restore(path, manifest, blobs, model, trainer)
+    raise CheckpointError(
+        f"checkpoint directory {directory}: expected a valid checkpoint, got none of "
+        f"{len(found)} ({'; '.join(_relative(r, directory) for r in skipped)})"
+    )
+
+
+def _relative(reason: str, directory: Path) -> str:
+    """``reason`` with the directory prefix dropped (the message names the directory once)."""
+    return reason.replace(f"checkpoint {directory}/", "")
 
 
 def load_checkpoint(path: Path, model: CtrModel, trainer: Trainer) -> dict[str, bytes]:
@@ -197,8 +261,24 @@ def load_checkpoint(path: Path, model: CtrModel, trainer: Trainer) -> dict[str, 
     optimizers before anything is modified; any mismatch raises :class:`CheckpointError`.
     """
     path = Path(path)
+    manifest, blobs = _verified(path)
+    return _restore(path, manifest, blobs, model, trainer)
+
+
+def _verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest of checkpoint ``path`` and every file it lists, each checked by sha256."""
     manifest = _read_manifest(path)
     blobs = {name: _read_verified(path, name, meta) for name, meta in manifest["files"].items()}
+    return manifest, blobs
+
+
+def _restore(
+    path: Path,
+    manifest: Mapping[str, Any],
+    blobs: Mapping[str, bytes],
+    model: CtrModel,
+    trainer: Trainer,
+) -> dict[str, bytes]:
     if manifest["arch"] != model.arch or manifest["schema_fingerprint"] != (
         model.schema.fingerprint()
     ):
