@@ -1,15 +1,36 @@
-import pytest
+from typing import Any
 
-from minutely.errors import EventError
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minutely.config import IngestConfig, load_config
+from minutely.data import Sample, samples_to_record_batch
+from minutely.errors import ConfigError, EventError, SchemaError
 from minutely.events import (
+    F32_OVERFLOW,
+    FUTURE_EVENT,
+    INVALID_EVENT,
+    INVALID_IMPRESSION,
+    OVERSIZE_EVENT,
+    REASONS,
+    STALE_EVENT,
+    UNDECODABLE_EVENT,
     Click,
     Conversion,
+    Event,
+    EventValidator,
     Impression,
     decode_event,
     encode_event,
     validate_event,
 )
 from minutely.schema import default_schema
+from minutely.stream.dead_letters import reason_group
+
+SCHEMA = default_schema()
 
 NOW = 10_000_000
 
@@ -61,26 +82,232 @@ def test_decode_errors(raw: bytes, message: str) -> None:
         decode_event(raw)
 
 
-def test_valid_impression_passes() -> None:
+def validator(**bounds: int) -> EventValidator:
+    return EventValidator(
+        default_schema(), **{"max_future_ms": 1000, "max_past_ms": 1000, **bounds}
+    )
+
+
+def impression_json(imp_id: int = 1, **changes: object) -> bytes:
+    doc = {"type": "impression", "imp_id": imp_id, "ts_ms": NOW, "features": features()}
+    doc["features"] = {**features(), **changes}
+    return msgspec.json.encode(doc)
+
+
+def test_valid_events_pass_and_decode() -> None:
+    v = validator()
+    for ev in (Impression(1, NOW, features()), Click(1, NOW + 1000), Conversion(1, NOW - 1000)):
+        assert v.parse(encode_event(ev), NOW) == ev
     validate_event(Impression(1, NOW, features()), default_schema(), NOW, 1000, 1000)
 
 
 @pytest.mark.parametrize(
     ("event", "message"),
     [
-        (Click(1, NOW + 5_000), "5000 ms in the future"),
-        (Click(1, NOW - 5_000), "5000 ms in the past"),
-        (Click(-1, NOW), "imp_id must be >= 0"),
         (
-            Impression(1, NOW, {k: v for k, v in features().items() if k != "ad_id"}),
-            "missing feature 'ad_id'",
+            Click(1, NOW + 5_000),
+            r"^future event: ts_ms 10005000 is 5000 ms in the future \(at most 1000 ms "
+            r"allowed\) \(imp_id 1\)$",
         ),
-        (Impression(1, NOW, {**features(), "ad_id": 2.5}), "'ad_id' expected an int id"),
-        (Impression(1, NOW, {**features(), "user_interests": 3}), "expected a list of int ids"),
-        (Impression(1, NOW, {**features(), "ad_ctr_1h": float("nan")}), "a finite number"),
-        (Impression(1, NOW, {**features(), "extra": 1}), r"unknown features \['extra'\]"),
+        (
+            Click(1, NOW - 5_000),
+            r"^stale event: ts_ms 9995000 is 5000 ms in the past \(at most 1000 ms allowed\)",
+        ),
+        (Click(-1, NOW), r"^invalid event: imp_id expected in \[0, 2\*\*63\) .*got imp_id -1"),
+        (Conversion(2**63, NOW), r"^invalid event: .*got imp_id 9223372036854775808"),
+        (Click(1, -1), r"^invalid event: .*ts_ms >= 0, got imp_id 1 and ts_ms -1$"),
+        (
+            Impression(7, NOW, {k: v for k, v in features().items() if k != "ad_id"}),
+            r"^invalid impression: missing features \['ad_id'\] \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "extra": 1}),
+            r"^invalid impression: unknown features \['extra'\] \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**{k: 1 for k in "abcdefg"}, **features()}),
+            r"unknown features \['a', 'b', 'c', 'd', 'e'\] and 2 more \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "ad_id": 2.5}),
+            r"^invalid impression: feature 'ad_id' expected an int64 id, got 2\.5 \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "ad_id": 2**63}),
+            r"feature 'ad_id' expected an int64 id, got 9223372036854775808 \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "ad_id": "x" * 100}),
+            r"feature 'ad_id' expected an int64 id, got 'x{56}\.\.\. \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "user_interests": 3}),
+            r"feature 'user_interests' expected a list of int64 ids, got 3 \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "user_interests": [1, 2.5]}),
+            r"'user_interests' expected a list of int64 ids, got 2\.5 at position 1 \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "user_interests": [1, -(2**63) - 1]}),
+            r"got -9223372036854775809 at position 1 \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "user_interests": list(range(1025))}),
+            r"^invalid impression: feature 'user_interests' expected at most 1024 ids, got 1025",
+        ),
+        (
+            Impression(7, NOW, {**features(), "ad_ctr_1h": float("nan")}),
+            r"^invalid impression: feature 'ad_ctr_1h' expected a finite float32, got nan",
+        ),
+        (
+            Impression(7, NOW, {**features(), "ad_ctr_1h": float("-inf")}),
+            r"feature 'ad_ctr_1h' expected a finite float32, got -inf \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "ad_ctr_1h": 1e39}),
+            r"feature 'ad_ctr_1h' expected a finite float32, got 1e\+39 \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "ad_ctr_1h": True}),
+            r"feature 'ad_ctr_1h' expected a finite float32, got True \(imp_id 7\)$",
+        ),
+        (
+            Impression(7, NOW, {**features(), "user_activity": 2**63}),
+            r"feature 'user_activity' expected a finite float32, got 9223372036854775808",
+        ),
     ],
 )
-def test_validation_errors(event: Impression | Click, message: str) -> None:
+def test_validation_errors_name_group_and_details(event: Event, message: str) -> None:
     with pytest.raises(EventError, match=message):
-        validate_event(event, default_schema(), NOW, 1000, 1000)
+        validator().check(event, NOW)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"x" * 101, r"^oversize event: expected at most 100 bytes, got 101$"),
+        (b"\xff" * 100, r"^undecodable event: JSON is malformed"),
+        (b'{"type":"cl\xffick","imp_id":1,"ts_ms":2}', r"^undecodable event: 'utf-8' codec"),
+        (b'{"type":"click","imp_id":1,"ts_ms":NaN}', r"^undecodable event: JSON is malformed"),
+        (b'{"type":"click","imp_id":1,"ts_ms":1e400}', r"^invalid event: Number out of range"),
+        (b'{"type":"view","imp_id":1,"ts_ms":2}', r"^invalid event: Invalid value 'view'"),
+    ],
+)
+def test_parse_refuses_bad_messages_before_or_at_decoding(raw: bytes, message: str) -> None:
+    with pytest.raises(EventError, match=message):
+        validator(max_event_bytes=100).parse(raw, NOW)
+
+
+def test_parse_checks_the_decoded_features() -> None:
+    v = validator(max_ids_per_feature=2)
+    with pytest.raises(EventError, match=r"^invalid impression: feature 'ad_ctr_1h' .*1e\+39"):
+        v.parse(impression_json(ad_ctr_1h=1e39), NOW)
+    with pytest.raises(EventError, match=r"'user_interests' expected at most 2 ids, got 3"):
+        v.parse(impression_json(user_interests=[1, 2, 3]), NOW)
+    assert v.parse(impression_json(user_interests=[1, 2]), NOW).imp_id == 1
+
+
+def test_float32_bounds_are_the_sample_codec_bounds() -> None:
+    top = float(np.finfo(np.float32).max)
+    past = float(np.nextafter(F32_OVERFLOW, 0.0))  # rounds down to float32's largest value
+    schema = default_schema()
+    for value in (top, -top, past, -past, 1e-45, 0.0):
+        feats = {**features(), "ad_ctr_1h": value}
+        validator().check(Impression(1, NOW, feats), NOW)
+        samples_to_record_batch([Sample(1, NOW, NOW, 0, False, -1, feats)], schema)
+    for value in (F32_OVERFLOW, -F32_OVERFLOW, 1e39):
+        feats = {**features(), "ad_ctr_1h": value}
+        with pytest.raises(EventError, match="expected a finite float32"):
+            validator().check(Impression(1, NOW, feats), NOW)
+        with pytest.raises(SchemaError, match="within float32 range"):
+            samples_to_record_batch([Sample(1, NOW, NOW, 0, False, -1, feats)], schema)
+
+
+_VALUES = st.one_of(
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.lists(st.integers(min_value=-(2**64), max_value=2**64), max_size=3),
+    st.lists(st.floats(), max_size=2),
+    st.text(max_size=3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from([*features(), "x"]), _VALUES, max_size=3))
+def test_every_accepted_impression_encodes_as_a_sample(changes: dict[str, object]) -> None:
+    feats = {**features(), **changes}
+    event = Impression(1, NOW, feats)  # type: ignore[arg-type]
+    try:
+        validator().check(event, NOW)
+    except EventError:
+        with pytest.raises(SchemaError):  # the codec refuses what the ingest check refuses
+            samples_to_record_batch([Sample(1, NOW, NOW, 0, False, -1, event.features)], SCHEMA)
+        return
+    samples_to_record_batch([Sample(1, NOW, NOW, 0, False, -1, event.features)], SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ({"max_future_ms": -1}, r"config field 'max_future_ms': expected int >= 0, got -1"),
+        ({"max_past_ms": 1.5}, r"config field 'max_past_ms': expected int >= 0, got 1\.5"),
+        ({"max_ids_per_feature": 0}, r"'max_ids_per_feature': expected int >= 1, got 0"),
+        ({"max_event_bytes": True}, r"'max_event_bytes': expected int >= 1, got True"),
+    ],
+)
+def test_bad_bounds_are_refused(bounds: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validator(**bounds)
+
+
+def test_from_config_takes_the_ingest_bounds() -> None:
+    ingest = IngestConfig(max_future_s=2, max_past_s=3, max_event_bytes=400, max_ids_per_feature=2)
+    v = EventValidator.from_config(default_schema(), ingest)
+    v.check(Click(1, NOW + 2_000), NOW)
+    v.check(Click(1, NOW - 3_000), NOW)
+    with pytest.raises(EventError, match=r"^future event"):
+        v.check(Click(1, NOW + 2_001), NOW)
+    with pytest.raises(EventError, match=r"^stale event"):
+        v.check(Click(1, NOW - 3_001), NOW)
+    with pytest.raises(EventError, match=r"^oversize event: expected at most 400 bytes"):
+        v.parse(impression_json(user_interests=list(range(200))), NOW)
+    with pytest.raises(EventError, match="expected at most 2 ids"):
+        v.parse(impression_json(user_interests=[1, 2, 3]), NOW)
+
+
+def test_every_refusal_starts_with_a_documented_group() -> None:
+    assert len(set(REASONS)) == len(REASONS)
+    assert all(":" not in group for group in REASONS)
+    later = NOW + 10**10
+    cases = [
+        (b"x" * 70_000, NOW),
+        (b"{", NOW),
+        (b"[]", NOW),
+        (impression_json(ad_ctr_1h=1e39), NOW),
+        (encode_event(Click(1, NOW + 10**6)), NOW),
+        (encode_event(Click(1, NOW)), later),
+    ]
+    v = EventValidator.from_config(default_schema(), IngestConfig())
+    groups = []
+    for raw, now in cases:
+        with pytest.raises(EventError) as info:
+            v.parse(raw, now)
+        groups.append(reason_group(str(info.value)))
+    assert groups == [
+        OVERSIZE_EVENT,
+        UNDECODABLE_EVENT,
+        INVALID_EVENT,
+        INVALID_IMPRESSION,
+        FUTURE_EVENT,
+        STALE_EVENT,
+    ]
+    assert set(groups) <= set(REASONS)
+
+
+@pytest.mark.parametrize("field", ["max_event_bytes", "max_ids_per_feature"])
+def test_the_ingest_bounds_are_config_fields(field: str) -> None:
+    assert getattr(load_config(None, {"ingest": {field: 7}}).ingest, field) == 7
+    with pytest.raises(ConfigError, match=rf"'ingest\.{field}': expected int >= 1, got 0"):
+        load_config(None, {"ingest": {field: 0}})

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+# The bounds are the ingest check's (minutely.events), so a sample built from an accepted event
+# always encodes.
+from minutely.events import F32_OVERFLOW as _F32_OVERFLOW
+from minutely.events import INT64_MAX, INT64_MIN
 from minutely.schema import FeatureSpec, Schema
-
-INT64_MIN = -(2**63)
-INT64_MAX = 2**63 - 1
-# The midpoint between float32's largest value and 2**128: every float64 of smaller magnitude
-# rounds to a finite float32, every larger one (and this one, ties to even) to infinity.
-_F32_OVERFLOW = (2 - 2**-24) * 2**127
 
 
 def is_int64(value: object) -> bool:

@@ -3,7 +3,10 @@
 Watermark
     ``max event ts seen - allowed_lateness``; it never decreases, and :meth:`Joiner.advance_to`
     pushes it when the stream is idle. An event with ``ts >= watermark`` is on time. Once the
-    watermark passes a time ``T`` (``watermark > T``), everything about ``T`` is final.
+    watermark passes a time ``T`` (``watermark > T``), everything about ``T`` is final. Given
+    the caller's clock (``now_ms`` of :meth:`Joiner.process`), an event stamped ahead of it
+    counts as stamped ``now_ms``: the watermark is ``min(max event ts, now) - allowed_lateness``,
+    so one event from a fast clock cannot make the valid events that follow it late.
 
 pCTR (label ``click``)
     One sample per impression, emitted when the watermark passes ``imp.ts + W`` with
@@ -161,11 +164,15 @@ class Joiner:
 
     # --- input ------------------------------------------------------------------------------
 
-    def process(self, event: Event) -> None:
-        """Join one event, then release whatever the advanced watermark made final."""
-        self.process_many((event,))
+    def process(self, event: Event, *, now_ms: int | None = None) -> None:
+        """Join one event, then release whatever the advanced watermark made final.
 
-    def process_many(self, events: Iterable[Event]) -> None:
+        With ``now_ms`` (the caller's clock), the event moves the watermark at most to
+        ``now_ms - allowed_lateness``; without it, to its own time minus the lateness.
+        """
+        self.process_many((event,), now_ms=now_ms)
+
+    def process_many(self, events: Iterable[Event], *, now_ms: int | None = None) -> None:
         """:meth:`process` each event in order.
 
         The impression path is inlined: it runs about a million times per simulated day.
@@ -180,6 +187,7 @@ class Joiner:
         # Only this loop moves the watermark while it runs: read it from locals, write through.
         wm = self._wm
         max_ts = self._max_ts
+        cap = _NEVER if now_ms is None else now_ms
         done = 0
         try:
             for event in events:
@@ -215,6 +223,8 @@ class Joiner:
                     )
                 done += 1
                 if ts > max_ts:
+                    if ts > cap:  # stamped ahead of the clock: counts as stamped now
+                        ts = cap if cap > max_ts else max_ts
                     self._max_ts = max_ts = ts
                     if ts - lateness > wm:
                         self._wm = wm = ts - lateness

@@ -111,7 +111,7 @@ class JoinState(msgspec.Struct):
     version: int
     identity: list[str]
     schema_fingerprint: str
-    max_ts_ms: int
+    max_ts_ms: int  # newest event time, each capped at the clock it was processed under
     watermark_ms: int
     seq: int
     impressions: list[Impression]

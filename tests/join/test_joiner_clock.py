@@ -1,0 +1,97 @@
+"""The caller's clock caps the watermark: an event stamped ahead of it cannot make others late."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minutely.config import JoinConfig, ModelConfig
+from minutely.events import Click, Conversion, Event, Impression
+from minutely.join import Joiner
+from minutely.schema import default_schema
+
+CTR = ModelConfig(name="ctr", attribution_window_s=600, correction_horizon_s=3_600)
+CVR = ModelConfig(name="cvr", label="conversion", attribution_window_s=600)
+LATENESS_S = 30
+CFG = JoinConfig(allowed_lateness_s=LATENESS_S, max_click_delay_s=3_600)
+NOW = 10_000_000
+
+
+def make() -> Joiner:
+    return Joiner([CTR, CVR], CFG, default_schema())
+
+
+def imp(iid: int, ts: int) -> Impression:
+    return Impression(iid, ts, {"user_id": iid})
+
+
+def test_a_click_stamped_ahead_of_the_clock_does_not_make_an_impression_late() -> None:
+    j = make()
+    j.process(Click(1, NOW + 290_000), now_ms=NOW)
+    assert j.watermark_ms == NOW - LATENESS_S * 1000
+    j.process(imp(2, NOW - 10_000), now_ms=NOW)
+    j.advance_to(NOW + 700_000)
+    # Only the click of impression 1 (never logged) is left over; impression 2 joined.
+    assert [(late.event.imp_id, late.reason) for late in j.drain_late()] == [(1, "no_impression")]
+    assert [(s.sample_id, s.label) for s in j.drain()["ctr"]] == [(2, 0)]
+
+
+def test_without_a_clock_the_same_click_makes_the_impression_late() -> None:
+    j = make()
+    j.process(Click(1, NOW + 290_000))
+    assert j.watermark_ms == NOW + 260_000
+    j.process(imp(2, NOW - 10_000))
+    assert [(late.event.imp_id, late.reason) for late in j.drain_late()] == [(2, "late_impression")]
+
+
+def test_the_cap_never_moves_the_watermark_back_and_follows_the_clock() -> None:
+    j = make()
+    late = LATENESS_S * 1000
+    j.process(imp(1, NOW + 50_000), now_ms=NOW)
+    assert j.watermark_ms == NOW - late
+    j.process(imp(2, NOW + 10_000), now_ms=NOW - 60_000)  # an earlier clock: no step back
+    assert j.watermark_ms == NOW - late
+    j.process(Click(1, NOW + 55_000), now_ms=NOW + 40_000)
+    assert j.watermark_ms == NOW + 40_000 - late
+    j.process_many([Click(2, NOW + 30_000), imp(3, NOW + 45_000)], now_ms=NOW + 100_000)
+    assert j.watermark_ms == NOW + 45_000 - late  # the newest time, now below the clock
+    assert j.drain_late() == []
+
+
+def test_a_restored_joiner_keeps_the_capped_watermark() -> None:
+    j = make()
+    j.process(Click(1, NOW + 290_000), now_ms=NOW)
+    again = Joiner.restore([CTR, CVR], CFG, default_schema(), j.snapshot())
+    assert again.watermark_ms == NOW - LATENESS_S * 1000
+    again.process(imp(2, NOW - 10_000), now_ms=NOW)
+    assert again.drain_late() == []
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[tuple[int, Event]]:
+    """(clock, event) pairs: a non-decreasing clock, events stamped up to 300 s either side."""
+    steps: list[tuple[int, Event]] = []
+    now = 400_000
+    for iid in range(draw(st.integers(1, 30))):
+        now += draw(st.integers(0, 20_000))
+        ts = now + draw(st.integers(-300_000, 300_000))
+        kind = draw(st.sampled_from([Impression, Click, Conversion]))
+        ev: Event = imp(iid % 7, ts) if kind is Impression else kind(iid % 7, ts)
+        steps.append((now, ev))
+    return steps
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams())
+def test_watermark_is_the_newest_time_capped_at_the_clock(steps: list[tuple[int, Event]]) -> None:
+    j = make()
+    lateness = LATENESS_S * 1000
+    newest = -(1 << 62)
+    for now, ev in steps:
+        on_time = ev.ts_ms >= now - lateness
+        j.process(ev, now_ms=now)
+        newest = max(newest, min(ev.ts_ms, now))
+        assert j.watermark_ms == newest - lateness
+        if isinstance(ev, Impression) and on_time:
+            # Stamped within the lateness of the clock: never late, whatever came before.
+            assert all(late.event is not ev for late in j.drain_late())
