@@ -1,18 +1,21 @@
 """The ``minutely`` command line.
 
-``minutely demo`` runs the whole pipeline on embedded defaults; ``--config`` reads a TOML file and
-``--set section.field=value`` overrides single fields (values are TOML literals)."""
+``minutely demo`` runs the whole pipeline in one process on embedded defaults; ``simulate``,
+``join``, ``train`` and ``serve`` run one stage each as a service over the log, and ``up`` starts
+them all. ``--config`` reads a TOML file, ``--set section.field=value`` overrides single fields
+(values are TOML literals) and ``--kafka HOST:PORT`` puts the log on a Kafka cluster."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from minutely.config import load_config, merge_tables
+from minutely.config import Config, load_config, merge_tables
 from minutely.errors import ConfigError, MinutelyError
 
 
@@ -43,30 +46,143 @@ QUICK = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="a TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument(
+        "--kafka",
+        metavar="HOST:PORT",
+        help="use the Kafka cluster at these bootstrap servers instead of the embedded log",
+    )
+
+
+def _service_options(p: argparse.ArgumentParser) -> None:
+    _config_options(p)
+    p.add_argument("--run-dir", type=Path, default=Path("run"), help="checkpoints, registry, log")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minutely", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="simulate two days and compare day-only vs online")
-    demo.add_argument("--config", type=Path, help="a TOML config file")
-    demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _config_options(demo)
     demo.add_argument("--quick", action="store_true", help="a small market (about a minute)")
     demo.add_argument("--run-dir", type=Path, help="write here instead of a new runs/ folder")
     demo.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        overrides: dict[str, Any] = {}
-        if args.quick:
-            overrides = merge_tables(overrides, QUICK)
-        for item in args.set:
-            overrides = merge_tables(overrides, parse_override(item))
-        cfg = load_config(args.config, overrides)
-        from minutely.demo.run import run_demo
+    demo.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its checkpoint"
+    )
+    sim = sub.add_parser("simulate", help="write simulated raw events to the raw topic")
+    _service_options(sim)
+    sim.add_argument("--days", type=float, help="stop after this many simulated days")
+    sim.add_argument("--rate", type=float, help="pace at this many times real time")
+    sim.add_argument("--live", action="store_true", help="start the market at the wall clock's now")
+    join = sub.add_parser("join", help="join raw events into samples (a consumer-group member)")
+    _service_options(join)
+    join.add_argument("--name", default="join", help="this member's status name")
+    train = sub.add_parser("train", help="train one model online and export versions")
+    _service_options(train)
+    train.add_argument("--model", required=True, help="the model's name in the config")
+    train.add_argument(
+        "--audit", action="store_true", help="record what each window trained on (tests)"
+    )
+    serve = sub.add_parser("serve", help="serve the run's registry over HTTP")
+    _service_options(serve)
+    serve.add_argument("--port-file", type=Path, help="write the bound port here")
+    up = sub.add_parser("up", help="start every service locally; Ctrl-C stops them all")
+    _service_options(up)
+    up.add_argument("--joiners", type=int, default=2, help="join processes in the group")
+    up.add_argument("--days", type=float, help="simulated days (default: until stopped)")
+    up.add_argument("--rate", type=float, help="pace the simulator at this many times real time")
+    up.add_argument("--live", action="store_true", help="start the market at the wall clock's now")
+    return parser
 
-        run_demo(cfg, run_dir=args.run_dir, progress=not args.no_progress)
+
+def load_cli_config(args: argparse.Namespace) -> Config:
+    """The configuration the command line describes: file, --quick, --set, --kafka."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "quick", False):
+        overrides = merge_tables(overrides, QUICK)
+    for item in args.set:
+        overrides = merge_tables(overrides, parse_override(item))
+    if args.kafka:
+        kafka = {"backend": "kafka", "bootstrap_servers": args.kafka}
+        overrides = merge_tables(overrides, {"stream": kafka})
+    return load_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_cli_config(args)
+        if args.command == "demo":
+            from minutely.demo.run import run_demo
+
+            run_demo(cfg, run_dir=args.run_dir, progress=not args.no_progress, resume=args.resume)
+            return 0
+        if args.command == "serve":
+            return _serve(cfg, args)
+        return _service(cfg, args)
     except MinutelyError as exc:
         print(f"minutely: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _service(cfg: Config, args: argparse.Namespace) -> int:
+    from minutely.clock import WallClock
+    from minutely.fsutil import ensure_writable_dir
+    from minutely.pipeline import commands
+    from minutely.pipeline.services import stop_on_signals, tune_gc
+
+    stop = stop_on_signals()
+    tune_gc()
+    run_dir: Path = args.run_dir
+    ensure_writable_dir(run_dir, "run folder")
+    clock = WallClock()
+    if args.command == "simulate":
+        commands.run_simulate(
+            cfg, run_dir, clock, stop, days=args.days, rate=args.rate, live=args.live
+        )
+    elif args.command == "join":
+        commands.run_join(cfg, run_dir, clock, stop, name=args.name)
+    elif args.command == "train":
+        commands.run_train(cfg, run_dir, clock, stop, model=args.model, audit=args.audit)
+    elif args.command == "up":
+        from minutely.pipeline.up import run_up
+
+        if args.joiners < 1:
+            raise ConfigError("--joiners", "an int >= 1", args.joiners)
+        common = ["--run-dir", str(run_dir)]
+        if args.config is not None:
+            common += ["--config", str(args.config)]
+        for item in args.set:
+            common += ["--set", item]
+        if args.kafka:
+            common += ["--kafka", args.kafka]
+        sim_args: list[str] = []
+        if args.days is not None:
+            sim_args += ["--days", str(args.days)]
+        if args.rate is not None:
+            sim_args += ["--rate", str(args.rate)]
+        if args.live:
+            sim_args.append("--live")
+        return run_up(cfg, run_dir, stop, joiners=args.joiners, common=common, sim_args=sim_args)
     return 0
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from minutely.serve.cli import main as serve_main
+
+    argv = ["--registry", str(args.run_dir / cfg.export.registry_dir)]
+    for m in cfg.models:
+        argv += ["--model", m.name]
+    argv += ["--host", cfg.serve.host, "--port", str(cfg.serve.port)]
+    argv += ["--poll-interval", str(cfg.serve.poll_interval_s)]
+    if args.port_file is not None:
+        argv += ["--port-file", str(args.port_file)]
+    (args.run_dir / cfg.export.registry_dir).mkdir(parents=True, exist_ok=True)
+    return serve_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

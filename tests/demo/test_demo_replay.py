@@ -13,7 +13,7 @@ from minutely.cli import main
 from minutely.config import load_config
 from minutely.demo.replay import eventual_click_labels
 from minutely.demo.run import run_demo
-from minutely.errors import ConfigError
+from minutely.errors import ConfigError, StorageError
 
 TINY = {
     "sim": {"impressions_per_day": 12_000, "users": 2_000, "campaigns_per_hour": 4},
@@ -81,3 +81,102 @@ def test_demo_needs_windows_that_tile_a_day(tmp_path: Path) -> None:
     cfg = load_config(None, {"train": {"window_s": 7}})
     with pytest.raises(ConfigError, match=r"'train\.window_s': expected a divisor of 86400"):
         run_demo(cfg, run_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "what"), [("registry", "registry"), ("checkpoints", "checkpoint")]
+)
+def test_a_file_where_a_run_subfolder_goes_fails_at_start_naming_it(
+    tmp_path: Path, name: str, what: str
+) -> None:
+    (tmp_path / name).write_text("")
+    cfg = load_config(None, TINY)
+    with pytest.raises(
+        StorageError,
+        match=rf"^{what} folder {tmp_path / name}: expected a writable folder, got a file in the "
+        r"way",
+    ):
+        run_demo(cfg, run_dir=tmp_path, progress=False)
+    assert not (tmp_path / "results.json").exists()
+
+
+TINY_TOML = """
+[sim]
+impressions_per_day = 12000
+users = 2000
+campaigns_per_hour = 4
+[stream]
+partitions = 2
+[[models]]
+name = "ctr"
+buckets = 4096
+embedding_dim = 4
+hidden = [16]
+[train]
+window_s = 900
+batch_size = 256
+checkpoint_every_windows = 4
+[export]
+every_min = 30
+min_samples = 20
+keep_versions = 3
+[demo]
+corrupt_every = 500
+score_batch = 500
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_killed_demo_is_refused_then_resumed_to_the_same_results(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    conf = tmp_path / "tiny.toml"
+    conf.write_text(TINY_TOML)
+    cfg = load_config(conf)
+    ref = run_demo(cfg, run_dir=tmp_path / "ref", progress=False, echo=lambda _: None)
+
+    run = tmp_path / "crash"
+    argv = [sys.executable, "-m", "minutely.cli", "demo", "--config", str(conf)]
+    proc = subprocess.Popen(
+        [*argv, "--run-dir", str(run), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((run / "scores").glob("*.npz"))) < 30:
+            assert proc.poll() is None, "the demo ended before it could be killed"
+            assert time.monotonic() < deadline, "the demo did not reach its online day"
+            time.sleep(0.1)
+        server_pid = int(
+            subprocess.run(
+                ["pgrep", "-f", f"minutely.serve --registry {run / 'registry'}"],
+                capture_output=True,
+                text=True,
+            ).stdout.split()[0]
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{server_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{server_pid}").exists(), "the server outlived the killed demo"
+
+    again = subprocess.run([*argv, "--run-dir", str(run)], capture_output=True, text=True)
+    assert again.returncode == 2
+    assert f"run folder {run}: expected a new folder, got one that holds a run" in again.stderr
+    assert "pass --resume to continue it" in again.stderr
+
+    resumed = run_demo(cfg, run_dir=run, progress=False, echo=lambda _: None, resume=True)
+    assert resumed["strategies"] == ref["strategies"]
+    assert resumed["served"] == ref["served"]
+    assert resumed["pipeline"] == ref["pipeline"]
+    assert resumed["hourly"] == ref["hourly"]
+    with pytest.raises(StorageError, match=r"got a finished one \(results\.json\)"):
+        run_demo(cfg, run_dir=run, progress=False, resume=True)

@@ -9,6 +9,7 @@ Both are judged later against each impression's eventual label.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,34 @@ class ReplayScores:
     online: list[np.ndarray] = field(default_factory=list)
     day_only: list[np.ndarray] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
+
+    def save_since(self, path: Path, first_chunk: int, first_version: int) -> None:
+        """Write the chunks from ``first_chunk`` (and versions from ``first_version``) to
+        ``path`` (npz, replaced atomically): one window's scores, kept for a resume."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as f:
+            np.savez(
+                f,
+                imp_ids=_cat(self.imp_ids[first_chunk:], np.int64),
+                ts_ms=_cat(self.ts_ms[first_chunk:], np.int64),
+                online=_cat(self.online[first_chunk:], np.float64),
+                day_only=_cat(self.day_only[first_chunk:], np.float64),
+                versions=np.array(self.versions[first_version:], dtype=str),
+            )
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        """Append the scores :meth:`save_since` wrote to ``path``."""
+        with np.load(path) as z:
+            self.imp_ids.append(z["imp_ids"])
+            self.ts_ms.append(z["ts_ms"])
+            self.online.append(z["online"])
+            self.day_only.append(z["day_only"])
+            self.versions.extend(str(v) for v in z["versions"].tolist())
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
 class ReplayScorer:

@@ -9,6 +9,7 @@ from typing import Any
 
 from minutely.config import ExportConfig, ModelConfig
 from minutely.errors import ArtifactError
+from minutely.evaluate import WindowReport
 from minutely.model import CtrModel
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
@@ -130,3 +131,15 @@ class Exporter:
         if not self.due(now_ms, samples_seen):
             return None
         return self.export(model, now_ms, samples_seen, metrics)
+
+
+def window_metrics(report: WindowReport | None) -> dict[str, float]:
+    """A window's test-then-train metrics, as an export's manifest records them."""
+    if report is None:
+        return {}
+    return {
+        "window_auc": report.auc,
+        "window_logloss": report.logloss,
+        "window_pcoc": report.pcoc,
+        "window_samples": float(report.n),
+    }

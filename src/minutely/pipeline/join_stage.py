@@ -1,29 +1,55 @@
 """The join stage: raw events from the log -> validated -> joined -> samples topics.
 
-One :class:`~minutely.join.Joiner` per raw-topic partition (the raw topic is keyed by impression
-id, so an impression and its click and conversion meet in one partition); samples from raw
-partition ``p`` go to partition ``p`` of each model's samples topic, one Arrow record batch of at
-most ``batch_size`` samples per message. Malformed or impossible events go to the dead-letter
-topic with the reason and where they came from, are counted, and the stream goes on.
+Everything about one raw-topic partition is one :class:`PartitionJoin`: its position, its
+:class:`~minutely.join.Joiner` (the raw topic is keyed by impression id, so an impression and its
+click and conversion meet in one partition), its exactly-once writers and its counts. Samples
+from raw partition ``p`` go to partition ``p`` of each model's samples topic, one Arrow record
+batch of at most ``batch_size`` samples per message. :class:`JoinStage` runs every partition in
+one process for the in-process replay; the ``minutely join`` service
+(:mod:`minutely.pipeline.join_service`) runs the partitions its consumer group gives it.
+
+A partition's time is its own: its clock is the newest time its records vouch for (an event's
+time, but never beyond the log time of the record that carried it, so a skewed event cannot
+drag the clock ahead), or a time the caller advances it to. Events are checked against the log
+time of their record; the clock caps how far an event moves the joiner's watermark; samples
+messages are stamped with the clock when released. All of it depends only on the partition's
+records (and the caller's advances), which is what lets a restored partition reproduce exactly
+the messages its predecessor wrote.
+
+No record stops the stage. An event the ingest check (:class:`~minutely.events.EventValidator`)
+refuses, or one the joiner fails on, goes to the dead-letter topic with the reason and where it
+came from (``topic/partition@offset``); a joined sample the sample codec refuses goes there as
+JSON (source ``join/<model>/<partition>``) while the rest of its batch is published. Letters are
+counted by reason group (:data:`~minutely.events.REASONS`), and the stream goes on.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from minutely.clock import Clock
-from minutely.config import IngestConfig, JoinConfig, ModelConfig, StreamConfig
-from minutely.data import encode_batch, samples_to_record_batch
+from minutely.config import (
+    Config,
+    IngestConfig,
+    JoinConfig,
+    ModelConfig,
+    StreamConfig,
+    TrainConfig,
+)
+from minutely.data import encode_batch, samples_to_json, samples_to_record_batch
 from minutely.data.samples import Sample
 from minutely.errors import CheckpointError, EventError
-from minutely.events import decode_event, validate_event
+from minutely.events import UNENCODABLE_SAMPLE, UNJOINABLE_EVENT, EventValidator
 from minutely.join import Joiner
-from minutely.pipeline.appender import IdempotentAppender
+from minutely.pipeline.appender import ExactlyOnceWriter
 from minutely.schema import Schema
-from minutely.stream import DeadLetterSink, Log, TopicReader
+from minutely.stream import DeadLetterSink, Log, Record, TopicReader
+from minutely.stream.base import Message
+
+_NO_TIME = -(1 << 62)
 
 
 @dataclass
@@ -34,9 +60,266 @@ class JoinStageStats:
     samples: dict[str, int] = field(default_factory=dict)
     late: dict[str, int] = field(default_factory=dict)
 
+    def add(self, other: JoinStageStats) -> None:
+        self.events += other.events
+        self.dead_letters += other.dead_letters
+        for mine, theirs in (
+            (self.dead_letters_by_reason, other.dead_letters_by_reason),
+            (self.samples, other.samples),
+            (self.late, other.late),
+        ):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+
+
+@dataclass(frozen=True)
+class JoinSettings:
+    """What a partition's join needs from the configuration."""
+
+    stream: StreamConfig
+    ingest: IngestConfig
+    join: JoinConfig
+    models: tuple[ModelConfig, ...]
+    batch_size: int
+    window_ms: int = TrainConfig().window_s * 1000
+    markers: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, markers: bool = True) -> JoinSettings:
+        """The service's settings: released every training window, with time markers."""
+        return cls(
+            cfg.stream,
+            cfg.ingest,
+            cfg.join,
+            tuple(cfg.models),
+            cfg.train.batch_size,
+            cfg.train.window_s * 1000,
+            markers,
+        )
+
+
+class PartitionJoin:
+    """One raw partition: validate -> join -> samples and dead letters, exactly once.
+
+    What the joiner made final is published when the partition's clock enters a new window
+    (``window_ms``, the training window) and when the caller advances the clock: so the messages
+    depend on the records alone, never on how they were sliced into calls. With ``markers``,
+    entering a window also writes an empty message stamped with the new time into each samples
+    partition: a trainer waiting for every partition to pass a window's end then knows that this
+    one has, even when it had no samples.
+    """
+
+    def __init__(
+        self,
+        log: Log,
+        settings: JoinSettings,
+        schema: Schema,
+        partition: int,
+        state: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._log = log
+        self._s = settings
+        self._schema = schema
+        self.partition = partition
+        self._raw = settings.stream.raw_topic
+        self._validator = EventValidator.from_config(schema, settings.ingest)
+        self._writer_id = f"join/{self._raw}/{partition}"
+        self.stats = JoinStageStats(samples={m.name: 0 for m in settings.models})
+        if state is None:
+            self.position = 0
+            self.clock_ms = _NO_TIME
+            self._joiner = Joiner(settings.models, settings.join, schema)
+            writers: dict[str, Any] = {}
+            counts: dict[str, int] = {}
+        else:
+            writers, counts = self._restore(state)
+        self._out = {
+            m.name: ExactlyOnceWriter(log, m.samples_topic, self._writer_id, writers.get(m.name))
+            for m in settings.models
+        }
+        dl_topic = settings.stream.dead_letter_topic
+        log.create_topic(dl_topic, 1)
+        self._dead_out = ExactlyOnceWriter(
+            log, dl_topic, self._writer_id, writers.get("dead_letters")
+        )
+        self._dead = DeadLetterSink(
+            log, dl_topic, write=self._dead_out.append_keyed, counts_by_reason=counts
+        )
+        self.stats.dead_letters = self._dead.count
+        self.stats.dead_letters_by_reason = self._dead.counts_by_reason
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def process(self, records: Sequence[Record], now_ms: int | None = None) -> None:
+        """Join ``records`` (this partition's, in offset order) and publish what became final.
+
+        ``now_ms`` (the in-process replay's clock) is a further cap: the partition's clock stays
+        before it.
+        """
+        parse = self._validator.parse
+        process = self._joiner.process
+        window = self._s.window_ms
+        clock = self.clock_ms
+        for rec in records:
+            try:
+                event = parse(rec.value, rec.ts_ms)
+            except EventError as exc:
+                self._dead_letter(rec.value, str(exc), _source(rec))
+                continue
+            vouched = event.ts_ms if event.ts_ms < rec.ts_ms else rec.ts_ms
+            if vouched > clock:
+                new = vouched if now_ms is None or vouched < now_ms else now_ms - 1
+                if new // window != clock // window and clock != _NO_TIME:
+                    self.clock_ms = clock
+                    self._release()
+                    self._mark(new)
+                clock = new
+            try:
+                # The clock caps how far an event moves the watermark: an event stamped ahead
+                # of it cannot make valid ones late.
+                process(event, now_ms=clock)
+            except Exception as exc:  # a joiner failure costs that event, not the stream
+                reason = f"{UNJOINABLE_EVENT}: {type(exc).__name__}: {exc}"
+                self._dead_letter(rec.value, reason, _source(rec))
+        if records:
+            self.position = records[-1].offset + 1
+            self.stats.events += len(records)
+        self.clock_ms = clock
+
+    def advance_to(self, now_ms: int) -> None:
+        """The caller vouches that every event up to ``now_ms`` has arrived (an idle tick):
+        move there and publish everything final, stamped ``now_ms``."""
+        if now_ms > self.clock_ms:
+            window = self._s.window_ms
+            if now_ms // window != self.clock_ms // window and self.clock_ms != _NO_TIME:
+                self._release()
+                self._mark(now_ms)
+            self.clock_ms = now_ms
+        self._joiner.advance_to(now_ms)
+        self._release()
+
+    def flush_all(self) -> None:
+        """End of stream: emit everything pending (tests, bounded replays)."""
+        self._joiner.flush_all()
+        self._release()
+
+    def _release(self) -> None:
+        out = self._joiner.drain()
+        for m in self._s.models:
+            self._publish(m.name, out.get(m.name, []))
+        for late in self._joiner.drain_late():
+            # Events that cannot be joined (a click whose impression was evicted) are
+            # well-formed data, not dead letters: counted by reason.
+            self.stats.late[late.reason] = self.stats.late.get(late.reason, 0) + 1
+
+    def _publish(self, name: str, samples: list[Sample]) -> None:
+        stamp = self.clock_ms
+        msgs: list[Message] = []
+        size = self._s.batch_size
+        for i in range(0, len(samples), size):
+            data, chunk = self._encode(name, samples[i : i + size])
+            if chunk:
+                msgs.append((None, data, stamp))
+                self.stats.samples[name] += len(chunk)
+        if msgs:
+            self._out[name].append_to(self.partition, msgs)
+
+    def _mark(self, now_ms: int) -> None:
+        """Tell each samples partition that this partition's time reached ``now_ms``."""
+        if self._s.markers:
+            for writer in self._out.values():
+                writer.append_to(self.partition, [(None, b"", now_ms)])
+
+    def _encode(self, name: str, chunk: list[Sample]) -> tuple[bytes, list[Sample]]:
+        """One samples-topic message of ``chunk``, and the samples it holds.
+
+        When the codec refuses the chunk, each sample is encoded alone: one refused alone is a
+        dead letter (the sample as JSON) and the others are encoded together.
+        """
+        try:
+            return encode_batch(samples_to_record_batch(chunk, self._schema)), chunk
+        except Exception:  # which sample and why: found one by one below
+            pass
+        good: list[Sample] = []
+        for s in chunk:
+            try:
+                encode_batch(samples_to_record_batch([s], self._schema))
+            except Exception as exc:  # refused alone: this sample is the bad one
+                reason = f"{UNENCODABLE_SAMPLE}: sample_id {s.sample_id}: {exc}"
+                self._dead_letter(samples_to_json([s]), reason, f"join/{name}/{self.partition}")
+            else:
+                good.append(s)
+        if not good:
+            return b"", good
+        return encode_batch(samples_to_record_batch(good, self._schema)), good
+
+    def _dead_letter(self, payload: bytes, reason: str, source: str) -> None:
+        self._dead.send(payload, reason, source, max(self.clock_ms, 0))
+        self.stats.dead_letters = self._dead.count
+        self.stats.dead_letters_by_reason = self._dead.counts_by_reason
+
+    def state_size(self) -> int:
+        return self._joiner.state_size()
+
+    @property
+    def watermark_ms(self) -> int:
+        return self._joiner.watermark_ms
+
+    # -- checkpointing ----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-able state that resumes after the last record processed."""
+        writers = {name: w.state() for name, w in self._out.items()}
+        writers["dead_letters"] = self._dead_out.state()
+        return {
+            "raw_topic": self._raw,
+            "partition": self.partition,
+            "position": self.position,
+            "clock_ms": self.clock_ms,
+            "joiner": base64.b64encode(self._joiner.snapshot()).decode(),
+            "writers": writers,
+            "dead_letter_counts": self._dead.counts_by_reason,
+            "stats": {
+                "events": self.stats.events,
+                "samples": dict(self.stats.samples),
+                "late": dict(self.stats.late),
+            },
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+        where = f"join checkpoint of partition {self.partition}"
+        try:
+            if (state["raw_topic"], state["partition"]) != (self._raw, self.partition):
+                raise CheckpointError(
+                    f"{where}: expected raw topic {self._raw!r} partition {self.partition}, got "
+                    f"{state['raw_topic']!r} partition {state['partition']!r}"
+                )
+            names = sorted(m.name for m in self._s.models)
+            writers: dict[str, Any] = dict(state["writers"])
+            if sorted(k for k in writers if k != "dead_letters") != names:
+                raise CheckpointError(f"{where}: expected models {names}, got {sorted(writers)}")
+            self.position = int(state["position"])
+            self.clock_ms = int(state["clock_ms"])
+            self._joiner = Joiner.restore(
+                self._s.models, self._s.join, self._schema, base64.b64decode(state["joiner"])
+            )
+            counts = {str(k): int(v) for k, v in state["dead_letter_counts"].items()}
+            st = state["stats"]
+            self.stats.events = int(st["events"])
+            self.stats.samples = {k: int(v) for k, v in st["samples"].items()}
+            self.stats.late = {k: int(v) for k, v in st["late"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{where}: malformed state ({exc!r})") from exc
+        return writers, counts
+
 
 class JoinStage:
-    """Consumes the raw topic up to its end and appends labeled samples per model."""
+    """Every raw partition in one process, driven by the in-process replay's clock.
+
+    :meth:`run` joins every raw record logged before the clock's now: a restored stage then
+    sees, tick by tick, exactly what the run it replaces saw, even when that run had already
+    logged later records before it stopped.
+    """
 
     def __init__(
         self,
@@ -49,173 +332,90 @@ class JoinStage:
         clock: Clock,
         batch_size: int,
         state: dict[str, Any] | None = None,
+        *,
+        window_ms: int = TrainConfig().window_s * 1000,
     ) -> None:
-        self._log = log
-        self._stream = stream
-        self._ingest = ingest
-        self._join_cfg = join
-        self._models = tuple(models)
-        self._schema = schema
         self._clock = clock
-        self._batch_size = batch_size
         self._raw = stream.raw_topic
+        self._max_future_ms = ingest.max_future_s * 1000
+        settings = JoinSettings(stream, ingest, join, tuple(models), batch_size, window_ms)
         log.create_topic(self._raw, stream.partitions)
-        self._n = log.partitions(self._raw)
-        for m in self._models:
-            log.create_topic(m.samples_topic, self._n)
-        self.stats = JoinStageStats(samples={m.name: 0 for m in self._models})
-        if state is None:
-            self._reader = TopicReader(log, self._raw)
-            self._joiners = [Joiner(self._models, join, schema) for _ in range(self._n)]
-            self._out = {m.name: IdempotentAppender(log, m.samples_topic) for m in self._models}
-            self._dead_out = self._dead_appender(None)
-            self._dead = DeadLetterSink(
-                log, stream.dead_letter_topic, write=self._dead_out.append_keyed
-            )
-        else:
-            self._restore(state)
+        n = log.partitions(self._raw)
+        for m in models:
+            log.create_topic(m.samples_topic, n)
+        parts: list[Mapping[str, Any] | None] = [None] * n
+        if state is not None:
+            parts = _partition_states(state, self._raw, n)
+        self.parts = [PartitionJoin(log, settings, schema, p, parts[p]) for p in range(n)]
+        self._reader = TopicReader(log, self._raw, {p.partition: p.position for p in self.parts})
 
-    def _dead_appender(self, ends: dict[int, int] | None) -> IdempotentAppender:
-        self._log.create_topic(self._stream.dead_letter_topic, 1)
-        return IdempotentAppender(self._log, self._stream.dead_letter_topic, ends)
-
-    # -- running ------------------------------------------------------------------------------
+    @property
+    def stats(self) -> JoinStageStats:
+        total = JoinStageStats()
+        for p in self.parts:
+            total.add(p.stats)
+        return total
 
     def run(self, max_records: int = 200_000) -> int:
         """Join every raw record logged before the clock's now; returns how many were read.
 
-        Reading up to the clock, not to the end of the log, keeps a replay deterministic: a
-        restored stage sees the same records per tick as the run it replaces, even when that run
-        had already logged later records before it stopped. ``max_records`` bounds one read (a
-        long backlog is taken in slices); a larger slice re-reads fewer rows across partitions.
+        ``max_records`` bounds one read (a long backlog is taken in slices). A record stamped
+        further ahead than ``ingest.max_future_s`` does not hold its partition back: it is read
+        at once (and refused by the ingest check if its event is that far ahead too).
         """
         now = self._clock.now_ms()
-        max_future = self._ingest.max_future_s * 1000
-        max_past = self._ingest.max_past_s * 1000
         total = 0
         while True:
-            records = self._reader.read_until(now, max_records)
+            records = self._reader.read_until(now, max_records, horizon_ms=self._max_future_ms)
             if not records:
                 break
             total += len(records)
-            for rec in records:
-                try:
-                    event = decode_event(rec.value)
-                    validate_event(event, self._schema, now, max_future, max_past)
-                except EventError as exc:
-                    source = f"{rec.topic}/{rec.partition}@{rec.offset}"
-                    self._dead.send(rec.value, str(exc), source, now)
-                    continue
-                self._joiners[rec.partition].process(event)
-        self.stats.events += total
-        self.stats.dead_letters = self._dead.count
-        self.stats.dead_letters_by_reason = dict(self._dead.counts_by_reason)
+            by_part: list[list[Record]] = [[] for _ in self.parts]
+            for r in records:
+                by_part[r.partition].append(r)
+            for part, recs in zip(self.parts, by_part, strict=True):
+                if recs:
+                    part.process(recs, now_ms=now)
         return total
 
     def advance_to(self, now_ms: int) -> None:
-        """Move every joiner's watermark to ``now_ms`` and publish what became final."""
-        for p, joiner in enumerate(self._joiners):
-            joiner.advance_to(now_ms)
-            self._publish(p, joiner.drain())
-            self._count_late(joiner)
-
-    def _count_late(self, joiner: Joiner) -> None:
-        # Events that cannot be joined (a click whose impression was evicted, a conversion for a
-        # model set without pCVR) are well-formed data, not dead letters: counted by reason.
-        for late in joiner.drain_late():
-            self.stats.late[late.reason] = self.stats.late.get(late.reason, 0) + 1
+        """Every event before ``now_ms`` has arrived: move every partition there and publish
+        what became final (stamped before ``now_ms``)."""
+        for part in self.parts:
+            part.advance_to(now_ms - 1)
 
     def flush_all(self) -> None:
-        """End of stream: emit everything pending (tests, bounded replays)."""
-        for p, joiner in enumerate(self._joiners):
-            joiner.flush_all()
-            self._publish(p, joiner.drain())
-            self._count_late(joiner)
-
-    def _publish(self, partition: int, out: dict[str, list[Sample]]) -> None:
-        for name, samples in out.items():
-            if not samples:
-                continue
-            msgs: list[tuple[bytes | None, bytes, int]] = []
-            for i in range(0, len(samples), self._batch_size):
-                chunk = samples[i : i + self._batch_size]
-                rb = samples_to_record_batch(chunk, self._schema)
-                msgs.append((None, encode_batch(rb), chunk[-1].emit_ts_ms))
-            self._out[name].append_to(partition, msgs)
-            self.stats.samples[name] += len(samples)
+        for part in self.parts:
+            part.flush_all()
 
     def state_size(self) -> int:
-        return sum(j.state_size() for j in self._joiners)
+        return sum(p.state_size() for p in self.parts)
 
     def watermark_ms(self) -> int:
-        return min(j.watermark_ms for j in self._joiners)
-
-    # -- checkpointing ------------------------------------------------------------------------
+        return min(p.watermark_ms for p in self.parts)
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able state that resumes after the last raw record read."""
-        return {
-            "raw_topic": self._raw,
-            "positions": {str(p): o for p, o in self._reader.positions().items()},
-            "joiners": [base64.b64encode(j.snapshot()).decode() for j in self._joiners],
-            "outputs": {
-                name: {str(p): e for p, e in app.ends().items()} for name, app in self._out.items()
-            },
-            "dead_letters": {
-                "ends": {str(p): e for p, e in self._dead_out.ends().items()},
-                "counts": self._dead.counts_by_reason,
-            },
-            "stats": {
-                "events": self.stats.events,
-                "samples": dict(self.stats.samples),
-                "late": dict(self.stats.late),
-            },
-        }
+        return {"raw_topic": self._raw, "partitions": [p.snapshot() for p in self.parts]}
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        try:
-            if state["raw_topic"] != self._raw:
-                raise CheckpointError(
-                    f"join stage checkpoint: expected raw topic {self._raw!r}, "
-                    f"got {state['raw_topic']!r}"
-                )
-            blobs = state["joiners"]
-            if len(blobs) != self._n:
-                raise CheckpointError(
-                    f"join stage checkpoint: expected {self._n} partitions, got {len(blobs)}"
-                )
-            names = sorted(m.name for m in self._models)
-            if sorted(state["outputs"]) != names:
-                raise CheckpointError(
-                    f"join stage checkpoint: expected models {names}, "
-                    f"got {sorted(state['outputs'])}"
-                )
-            positions = {int(p): int(o) for p, o in state["positions"].items()}
-            self._reader = TopicReader(self._log, self._raw, positions)
-            self._joiners = [
-                Joiner.restore(self._models, self._join_cfg, self._schema, base64.b64decode(b))
-                for b in blobs
-            ]
-            self._out = {
-                m.name: IdempotentAppender(
-                    self._log,
-                    m.samples_topic,
-                    {int(p): int(e) for p, e in state["outputs"][m.name].items()},
-                )
-                for m in self._models
-            }
-            dead = state["dead_letters"]
-            self._dead_out = self._dead_appender({int(p): int(e) for p, e in dead["ends"].items()})
-            self._dead = DeadLetterSink(
-                self._log,
-                self._stream.dead_letter_topic,
-                write=self._dead_out.append_keyed,
-                counts_by_reason={str(k): int(v) for k, v in dead["counts"].items()},
+    def close(self) -> None:
+        """Close the raw topic's reader (a Kafka consumer holds a connection)."""
+        self._reader.close()
+
+
+def _partition_states(state: Mapping[str, Any], raw: str, n: int) -> list[Mapping[str, Any] | None]:
+    try:
+        if state["raw_topic"] != raw:
+            raise CheckpointError(
+                f"join stage checkpoint: expected raw topic {raw!r}, got {state['raw_topic']!r}"
             )
-            self.stats.dead_letters = self._dead.count
-            self.stats.dead_letters_by_reason = self._dead.counts_by_reason
-            self.stats.events = int(state["stats"]["events"])
-            self.stats.samples = {k: int(v) for k, v in state["stats"]["samples"].items()}
-            self.stats.late = {k: int(v) for k, v in state["stats"]["late"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"join stage checkpoint: malformed state ({exc!r})") from exc
+        parts = list(state["partitions"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"join stage checkpoint: malformed state ({exc!r})") from exc
+    if len(parts) != n:
+        raise CheckpointError(f"join stage checkpoint: expected {n} partitions, got {len(parts)}")
+    return parts
+
+
+def _source(rec: Record) -> str:
+    return f"{rec.topic}/{rec.partition}@{rec.offset}"

@@ -1,4 +1,4 @@
-"""The online learner: samples topic -> 5-minute event-time windows -> test-then-train.
+"""The online learner: samples topic -> 5-minute windows -> test-then-train.
 
 Each window's samples (all partitions, ordered by emission time) are cut into micro-batches;
 every micro-batch is scored by the current model *before* the model trains on it, so the window
@@ -7,7 +7,8 @@ metrics measure the model on data it has not seen (the prequential protocol).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -17,12 +18,25 @@ from minutely.data import decode_batch, record_batch_to_tensors
 from minutely.data.tensors import TensorBatch
 from minutely.evaluate import MetricSet, WindowReport
 from minutely.schema import Schema
-from minutely.stream import Log, TopicReader
+from minutely.stream import Log, Record
 from minutely.train import Trainer
 
 
 class SampleWindows:
-    """Reads a model's samples topic window by window (event time = emission time)."""
+    """Reads a model's samples topic window by window.
+
+    A samples message is stamped with the join's time when it released the message (the newest
+    time its partition had reached), and each partition's stamps never decrease. Window
+    ``[start, end)`` is every message stamped before ``end`` not read yet: exactly what the join
+    had released before its time reached ``end``, whatever it wrote later (a restored run whose
+    crashed predecessor had logged later windows reads the same as the run it replaces). A window
+    is *complete* once every partition shows a message stamped at or after ``end`` (the join
+    writes an empty watermark message into a partition that has no samples for a window, so
+    idle partitions do not hold the windows back).
+
+    Messages read ahead of the window wait in a per-partition buffer; :meth:`positions` (the
+    checkpoint) counts only messages handed out, so a resume reads the buffered ones again.
+    """
 
     def __init__(
         self,
@@ -31,21 +45,77 @@ class SampleWindows:
         schema: Schema,
         batch_size: int,
         positions: Mapping[int, int] | None = None,
+        *,
+        poll_records: int = 256,
     ) -> None:
         self._schema = schema
         self._buckets = model.buckets
         self._batch_size = batch_size
-        self._reader = TopicReader(log, model.samples_topic, dict(positions or {}))
+        self._poll_records = poll_records
+        self._topic = model.samples_topic
+        n = log.partitions(self._topic)
+        start = dict(positions or {})
+        self._consumer = log.consumer(self._topic)
+        self._consumer.assign({p: int(start.get(p, 0)) for p in range(n)})
+        self._buf: dict[int, deque[Record]] = {p: deque() for p in range(n)}
+        self._front: dict[int, int | None] = dict.fromkeys(range(n))
 
     def positions(self) -> dict[int, int]:
-        return self._reader.positions()
+        """Per partition, the offset of the first message not handed out yet."""
+        at = self._consumer.positions()
+        return {p: (q[0].offset if q else at[p]) for p, q in self._buf.items()}
+
+    def complete_until(self) -> int | None:
+        """The newest time every partition has reached (``None`` before each has a message):
+        windows ending at or before it are complete."""
+        fronts = list(self._front.values())
+        if any(f is None for f in fronts):
+            return None
+        return min(f for f in fronts if f is not None)
+
+    def earliest_ts(self) -> int | None:
+        """The earliest stamp among the messages read ahead (``None`` when none are)."""
+        firsts = [q[0].ts_ms for q in self._buf.values() if q]
+        return min(firsts) if firsts else None
+
+    def fill(self, end_ms: int | None = None, timeout_s: float = 0.0) -> bool:
+        """Read ahead until every partition has reached ``end_ms``, or until everything the log
+        held when the call began is read; returns whether the window up to ``end_ms`` is
+        complete. ``timeout_s`` is how long one poll waits for new messages."""
+        ends: dict[int, int] | None = None
+        while True:
+            done = self.complete_until()
+            if end_ms is not None and done is not None and done >= end_ms:
+                return True
+            got = self._consumer.poll(self._poll_records, timeout_s)
+            for r in got:
+                self._buf[r.partition].append(r)
+                front = self._front[r.partition]
+                if front is None or r.ts_ms > front:
+                    self._front[r.partition] = r.ts_ms
+            if got:
+                continue
+            # Nothing came: stop once every partition is read to where the log ended when the
+            # call began (a remote log may answer an early poll empty while fetching).
+            if ends is None:
+                ends = self._consumer.end_offsets()
+            at = self._consumer.positions()
+            if all(at[p] >= end for p, end in ends.items()):
+                return False
+            timeout_s = max(timeout_s, 0.05)
 
     def read_table(self, end_ms: int) -> pa.Table | None:
-        """All samples emitted before ``end_ms`` not read yet, sorted by (emit time, id)."""
-        records = self._reader.read_until(end_ms)
-        if not records:
+        """The samples of every message stamped before ``end_ms`` not read yet, sorted by
+        (emit time, sample id). Reads what the log holds now; see :meth:`fill`."""
+        self.fill(end_ms)
+        batches = []
+        for q in self._buf.values():
+            while q and q[0].ts_ms < end_ms:
+                r = q.popleft()
+                if r.value:  # an empty message only carries the join's watermark
+                    batches.append(decode_batch(r.value, self._schema))
+        if not batches:
             return None
-        batches = [decode_batch(r.value, self._schema) for r in records]
         table = pa.Table.from_batches(batches)
         return table.sort_by([("emit_ts_ms", "ascending"), ("sample_id", "ascending")])
 
@@ -53,6 +123,9 @@ class SampleWindows:
         for rb in table.combine_chunks().to_batches(max_chunksize=self._batch_size):
             if rb.num_rows:
                 yield record_batch_to_tensors(rb, self._schema, self._buckets)
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 class OnlineLearner:
@@ -70,10 +143,19 @@ class OnlineLearner:
         self._cfg = train_cfg
         self.metrics = metrics if metrics is not None else MetricSet()
 
-    def run_window(self, start_ms: int, end_ms: int, train: bool = True) -> WindowReport:
-        """Score then train on the samples emitted in ``[.., end_ms)``; close the window."""
+    def run_window(
+        self,
+        start_ms: int,
+        end_ms: int,
+        train: bool = True,
+        on_table: Callable[[pa.Table], None] | None = None,
+    ) -> WindowReport:
+        """Score then train on the window's samples (see :meth:`SampleWindows.read_table`);
+        close the window. ``on_table`` sees the window's samples before training."""
         table = self.windows.read_table(end_ms)
         if table is not None:
+            if on_table is not None:
+                on_table(table)
             for batch in self.windows.micro_batches(table):
                 if train:
                     preds = self.trainer.evaluate_then_train(batch)

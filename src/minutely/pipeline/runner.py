@@ -2,9 +2,10 @@
 
 One :meth:`OnlinePipeline.tick` advances the whole pipeline by one event-time window. A
 checkpoint (written atomically every ``train.checkpoint_every_windows`` windows) holds, as one
-unit, the model weights and optimizer state, the raw-topic offsets, the join state, the samples
-offsets, the exporter's state and every output topic's end offsets, so a crash at any point
-resumes after the last processed item: nothing lost, nothing counted twice.
+unit, the model weights and optimizer state, the join's partitions (positions, joiner states,
+exactly-once writers), the samples positions, the exporter's state, the simulator's writer and
+the settings that shape all of it, so a crash at any point resumes after the last processed
+item: nothing lost, nothing counted twice.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from minutely.config import Config, ModelConfig
 from minutely.errors import CheckpointError
 from minutely.evaluate import WindowReport
 from minutely.model import CtrModel
-from minutely.pipeline.export import Exporter, ExportState
+from minutely.pipeline.export import Exporter, ExportState, window_metrics
 from minutely.pipeline.join_stage import JoinStage
 from minutely.pipeline.learner import OnlineLearner, SampleWindows
+from minutely.pipeline.settings import check_settings, output_settings
 from minutely.pipeline.source import SimSource
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
@@ -84,7 +86,11 @@ class OnlinePipeline:
                 ) from exc
         try:
             if state is not None:
-                self._check_shape(state, corrupt_every)
+                check_settings(
+                    state.get("settings"),
+                    self._settings(corrupt_every),
+                    f"resume: checkpoint in {checkpoint_dir}",
+                )
                 self.now_ms = int(state["now_ms"])
                 self.windows_done = int(state["windows_done"])
                 self.clock.advance_to(self.now_ms)
@@ -110,7 +116,7 @@ class OnlinePipeline:
             log,
             cfg.stream.raw_topic,
             corrupt_every=corrupt_every,
-            checkpointed_ends=None if state is None else _int_keys(state["source"]["ends"]),
+            writer=None if state is None else state["source"]["writer"],
             produced=0 if state is None else int(state["source"]["produced"]),
         )
         self.join = JoinStage(
@@ -123,6 +129,7 @@ class OnlinePipeline:
             self.clock,
             cfg.train.batch_size,
             state=None if state is None else state["join"],
+            window_ms=cfg.train.window_s * 1000,
         )
         self.samples = SampleWindows(
             log,
@@ -165,7 +172,7 @@ class OnlinePipeline:
         exported = None
         if export:
             exported = self.exporter.maybe_export(
-                self.model, end_ms, self.trainer.samples_seen, _window_metrics(report)
+                self.model, end_ms, self.trainer.samples_seen, window_metrics(report)
             )
         self.now_ms = end_ms
         self.windows_done += 1
@@ -173,12 +180,17 @@ class OnlinePipeline:
             self.checkpoint()
         return TickResult(start, end_ms, events, report, exported)
 
+    def close(self) -> None:
+        """Close the stages' readers; the log stays open (the caller owns it)."""
+        self.join.close()
+        self.samples.close()
+
     def checkpoint(self) -> Path:
         state = {
-            "shape": self._shape(self._corrupt_every),
+            "settings": self._settings(self._corrupt_every),
             "now_ms": self.now_ms,
             "windows_done": self.windows_done,
-            "source": {"ends": self.source.ends(), "produced": self.source.produced},
+            "source": {"writer": self.source.writer_state(), "produced": self.source.produced},
             "join": self.join.snapshot(),
             "learner": {"positions": self.samples.positions()},
             "exporter": self.exporter.state.to_dict(),
@@ -188,42 +200,17 @@ class OnlinePipeline:
             self.checkpoint_dir, self.model, self.trainer, {PIPELINE_STATE: blob}
         )
 
-    def _shape(self, corrupt_every: int) -> dict[str, Any]:
-        """Settings that decide how many messages each stage writes: a restore must match them,
-        or the exactly-once skip counts would drop or repeat messages."""
+    def _settings(self, corrupt_every: int) -> dict[str, Any]:
+        """Settings that shape what the stages write and learn: a restore must match them, or
+        the restored stages would produce other messages than the ones already logged."""
+        cfg = self.cfg
         return {
-            "model": self.model_cfg.name,
-            "partitions": self.cfg.stream.partitions,
-            "batch_size": self.cfg.train.batch_size,
+            **output_settings(cfg, "simulate"),
+            **output_settings(cfg, "join"),
+            **output_settings(cfg, "train", self.model_cfg.name),
             "corrupt_every": corrupt_every,
-            "sim_seed": self.cfg.sim.seed,
         }
-
-    def _check_shape(self, state: dict[str, Any], corrupt_every: int) -> None:
-        want = self._shape(corrupt_every)
-        got = state.get("shape")
-        if not isinstance(got, dict):
-            raise CheckpointError(
-                f"resume: checkpoint in {self.checkpoint_dir} has no pipeline settings"
-            )
-        for key, value in want.items():
-            if got.get(key) != value:
-                raise CheckpointError(
-                    f"resume: checkpoint in {self.checkpoint_dir} was written with {key}="
-                    f"{got.get(key)!r}, this pipeline has {key}={value!r}"
-                )
 
 
 def _int_keys(d: dict[str, Any]) -> dict[int, int]:
     return {int(k): int(v) for k, v in d.items()}
-
-
-def _window_metrics(report: WindowReport | None) -> dict[str, float]:
-    if report is None:
-        return {}
-    return {
-        "window_auc": report.auc,
-        "window_logloss": report.logloss,
-        "window_pcoc": report.pcoc,
-        "window_samples": float(report.n),
-    }

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
 from minutely.clock import MS_PER_DAY
-from minutely.pipeline.appender import IdempotentAppender
+from minutely.pipeline.appender import ExactlyOnceWriter
 from minutely.sim import EventBatch, Market
 from minutely.stream import Log
+from minutely.stream.base import Message
 
 
 def corrupt(message: tuple[bytes, bytes, int], variant: int) -> tuple[bytes, bytes, int]:
@@ -31,8 +33,12 @@ class SimSource:
     """Appends the market's events, window by window, to the raw topic (exactly once).
 
     With ``corrupt_every`` > 0, a malformed copy of every n-th event is added to the stream
-    (never replacing a valid one), so the dead-letter path runs in every replay.
+    (never replacing a valid one), so the dead-letter path runs in every replay. ``writer``
+    restores the exactly-once writer's checkpointed state (see
+    :class:`~minutely.pipeline.appender.ExactlyOnceWriter`).
     """
+
+    WRITER_ID = "simulate"
 
     def __init__(
         self,
@@ -40,11 +46,11 @@ class SimSource:
         log: Log,
         topic: str,
         corrupt_every: int = 0,
-        checkpointed_ends: Mapping[int, int] | None = None,
+        writer: Mapping[str, Any] | None = None,
         produced: int = 0,
     ) -> None:
         self._market = market
-        self._out = IdempotentAppender(log, topic, checkpointed_ends)
+        self._out = ExactlyOnceWriter(log, topic, self.WRITER_ID, writer)
         self._corrupt_every = corrupt_every
         self.produced = produced
         self.corrupted = produced // corrupt_every if corrupt_every else 0
@@ -53,7 +59,7 @@ class SimSource:
         batch = self._market.events_between(start_ms, end_ms)
         messages = batch.messages()
         if self._corrupt_every:
-            out: list[tuple[bytes | None, bytes, int]] = []
+            out: list[Message] = []
             every = self._corrupt_every
             for i, msg in enumerate(messages, start=self.produced):
                 out.append(msg)
@@ -66,5 +72,5 @@ class SimSource:
         self.produced += len(messages)
         return batch
 
-    def ends(self) -> dict[int, int]:
-        return self._out.ends()
+    def writer_state(self) -> dict[str, Any]:
+        return self._out.state()

@@ -1,0 +1,230 @@
+"""``minutely train --model NAME``: a model's samples topic -> test-then-train -> exports.
+
+The service reads every partition of the model's samples topic, closes a window ``(s, e]`` once
+every partition has passed ``e`` (see :class:`~minutely.pipeline.learner.SampleWindows`), scores
+then trains on the window's samples, and publishes a version when the export policy says so.
+Its checkpoint (one atomic directory, :mod:`minutely.train.checkpoint`) holds the weights, the
+optimizer state, the positions of the messages it has trained on, the exporter's state, the next
+window and the settings that shape what it trains on. Killed at any moment and restarted, it
+resumes after the last checkpointed window and trains the same windows again, with the same
+contents: a window's contents depend only on the log, never on when the service read it.
+
+With ``audit_dir`` the service writes, per window it trains, the (sample id, label,
+is_correction) triples, each sample's event time and the clock's time of training to
+``<audit_dir>/<window end>.npz``; a restore removes the files of windows after its checkpoint,
+so the files always describe exactly what the model's state has learned from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from minutely.clock import Clock, WallClock, floor_window
+from minutely.config import Config
+from minutely.errors import CheckpointError
+from minutely.evaluate import WindowReport
+from minutely.model import build_model
+from minutely.pipeline.export import Exporter, ExportState, window_metrics
+from minutely.pipeline.learner import OnlineLearner, SampleWindows
+from minutely.pipeline.settings import check_settings, output_settings
+from minutely.registry import Manifest, Registry
+from minutely.schema import default_schema
+from minutely.stream import Log
+from minutely.train import Trainer, load_latest_checkpoint, save_checkpoint
+
+STATE = "train_service.json"
+_log = logging.getLogger("minutely.train")
+
+
+class TrainService:
+    """One model's online trainer as a restartable service."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        model_name: str,
+        run_dir: Path,
+        log: Log,
+        *,
+        clock: Clock | None = None,
+        audit_dir: Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model_cfg = cfg.model(model_name)
+        self.schema = default_schema()
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(self.model_cfg, self.schema)
+        self.trainer = Trainer(self.model, cfg.train)
+        self.checkpoint_dir = run_dir / "checkpoints" / f"train-{model_name}"
+        self.window_ms = cfg.train.window_s * 1000
+        self._audit_dir = audit_dir
+        self._clock = clock if clock is not None else WallClock()
+        settings = output_settings(cfg, "train", model_name)
+        self._settings = settings
+        state = self._load_state()
+        if state is not None:
+            check_settings(
+                state["settings"], settings, f"train checkpoint in {self.checkpoint_dir}"
+            )
+        log.create_topic(self.model_cfg.samples_topic, cfg.stream.partitions)
+        self.samples = SampleWindows(
+            log,
+            self.model_cfg,
+            self.schema,
+            cfg.train.batch_size,
+            positions=None if state is None else _int_keys(state["positions"]),
+        )
+        self.learner = OnlineLearner(self.trainer, self.samples, cfg.train)
+        self.exporter = Exporter(
+            Registry(run_dir / cfg.export.registry_dir),
+            self.model_cfg,
+            self.schema,
+            cfg.export,
+            None if state is None else ExportState.from_dict(state["exporter"]),
+        )
+        self.next_end_ms: int | None = None if state is None else state["next_end_ms"]
+        self.windows_done = 0 if state is None else int(state["windows_done"])
+        if audit_dir is not None:
+            self._prune_audit()
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def step(self, timeout_s: float = 0.0) -> tuple[WindowReport, Manifest | None] | None:
+        """Train the next window if the log shows it complete; ``None`` if it is not yet."""
+        if self.next_end_ms is None:
+            self.samples.fill(None, timeout_s)
+            first = self.samples.earliest_ts()
+            if first is None:
+                return None
+            self.next_end_ms = floor_window(first, self.window_ms) + self.window_ms
+        end = self.next_end_ms
+        if not self.samples.fill(end, timeout_s):
+            return None
+        table_seen: list[pa.Table] = []
+        report = self.learner.run_window(end - self.window_ms, end, on_table=table_seen.append)
+        if self._audit_dir is not None:
+            self._write_audit(end, table_seen)
+        exported = self.exporter.maybe_export(
+            self.model, end, self.trainer.samples_seen, window_metrics(report)
+        )
+        self.next_end_ms = end + self.window_ms
+        self.windows_done += 1
+        if self.windows_done % self.cfg.train.checkpoint_every_windows == 0:
+            self.checkpoint()
+        return report, exported
+
+    def run(self, stop: threading.Event, *, poll_s: float = 0.2) -> None:
+        """Train windows as they complete until ``stop`` is set; checkpoint on the way out."""
+        while not stop.is_set():
+            self.step(timeout_s=poll_s)
+        self.checkpoint()
+
+    def checkpoint(self) -> Path:
+        state = {
+            "settings": self._settings,
+            "positions": {str(p): o for p, o in self.samples.positions().items()},
+            "exporter": self.exporter.state.to_dict(),
+            "next_end_ms": self.next_end_ms,
+            "windows_done": self.windows_done,
+        }
+        blob = json.dumps(state, sort_keys=True).encode()
+        return save_checkpoint(self.checkpoint_dir, self.model, self.trainer, {STATE: blob})
+
+    def close(self) -> None:
+        self.samples.close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any] | None:
+        extras = load_latest_checkpoint(self.checkpoint_dir, self.model, self.trainer)
+        if extras is None:
+            return None
+        try:
+            state: dict[str, Any] = json.loads(extras[STATE])
+            missing = [
+                k
+                for k in ("settings", "positions", "exporter", "next_end_ms", "windows_done")
+                if k not in state
+            ]
+            if missing:
+                raise KeyError(missing[0])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"train checkpoint in {self.checkpoint_dir} has no readable {STATE} ({exc!r})"
+            ) from exc
+        return state
+
+    def _write_audit(self, end_ms: int, tables: list[pa.Table]) -> None:
+        assert self._audit_dir is not None
+        self._audit_dir.mkdir(parents=True, exist_ok=True)
+        cols: dict[str, Any] = {
+            "sample_id": [],
+            "label": [],
+            "is_correction": [],
+            "event_ts_ms": [],
+        }
+        for t in tables:
+            cols["sample_id"].append(t["sample_id"].to_numpy())
+            cols["label"].append(t["label"].to_numpy())
+            cols["is_correction"].append(t["is_correction"].to_numpy(zero_copy_only=False))
+            cols["event_ts_ms"].append(t["event_ts_ms"].to_numpy())
+        arrays = {
+            k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64)) for k, v in cols.items()
+        }
+        tmp = self._audit_dir / f".{end_ms}.npz.tmp"
+        with tmp.open("wb") as f:
+            np.savez(
+                f,
+                sample_id=arrays["sample_id"],
+                label=arrays["label"],
+                is_correction=arrays["is_correction"],
+                event_ts_ms=arrays["event_ts_ms"],
+                trained_at_ms=np.int64(self._clock.now_ms()),
+            )
+        tmp.replace(self._audit_dir / f"{end_ms}.npz")
+
+    def _prune_audit(self) -> None:
+        assert self._audit_dir is not None
+        if not self._audit_dir.exists():
+            return
+        for f in self._audit_dir.glob("*.npz"):
+            end = int(f.stem)
+            if self.next_end_ms is None or end >= self.next_end_ms:
+                _log.info("removing audit of window %s, trained after the checkpoint", end)
+                f.unlink()
+
+
+def read_audit_lags(audit_dir: Path) -> list[tuple[int, int]]:
+    """(event time, clock time when trained) of every sample an audited trainer trained on."""
+    out: list[tuple[int, int]] = []
+    for f in sorted(audit_dir.glob("*.npz")):
+        with np.load(f) as z:
+            at = int(z["trained_at_ms"])
+            out += [(int(t), at) for t in z["event_ts_ms"].tolist()]
+    return out
+
+
+def read_audit(audit_dir: Path) -> list[tuple[int, int, bool]]:
+    """Every (sample id, label, is_correction) an audited trainer has trained on, sorted."""
+    out: list[tuple[int, int, bool]] = []
+    for f in sorted(audit_dir.glob("*.npz")):
+        with np.load(f) as z:
+            out += zip(
+                z["sample_id"].tolist(),
+                z["label"].tolist(),
+                z["is_correction"].tolist(),
+                strict=True,
+            )
+    return sorted(out)
+
+
+def _int_keys(d: dict[str, Any]) -> dict[int, int]:
+    return {int(k): int(v) for k, v in d.items()}

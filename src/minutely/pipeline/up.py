@@ -1,0 +1,123 @@
+"""``minutely up``: the whole topology on this machine, as child processes.
+
+One ``simulate``, ``joiners`` join processes (one consumer group), one ``train`` per model and one
+``serve``, all on the same configuration and run folder. Every child dies with its parent (see
+:mod:`minutely.procs`), writes its output to ``<run>/logs/<name>.log`` and its status to
+``<run>/status/<name>.json``; ``up`` prints one status line per service while they run. Ctrl-C
+(or SIGTERM) stops them all: each gets SIGTERM, checkpoints and exits; one that has not exited
+after ``grace_s`` is killed (it resumes from its last checkpoint next time).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from minutely.config import Config
+from minutely.pipeline.services import read_statuses
+from minutely.procs import spawn_child
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+
+def topology(
+    cfg: Config, joiners: int, common: Sequence[str], sim_args: Sequence[str], port_file: Path
+) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every service ``up`` starts; ``common`` carries the config options."""
+    me = [sys.executable, "-m", "minutely.cli"]
+    out = [("simulate", [*me, "simulate", *common, *sim_args])]
+    for i in range(joiners):
+        out.append((f"join-{i}", [*me, "join", *common, "--name", f"join-{i}"]))
+    for m in cfg.models:
+        out.append((f"train-{m.name}", [*me, "train", *common, "--model", m.name]))
+    out.append(("serve", [*me, "serve", *common, "--port-file", str(port_file)]))
+    return out
+
+
+def status_line(name: str, st: dict[str, Any] | None, proc: subprocess.Popen[bytes]) -> str:
+    code = proc.poll()
+    state = "running" if code is None else f"exited {code}"
+    if st is None:
+        return f"{name:<14} {state:<10} starting"
+    keys = (
+        "url",
+        "position_ms",
+        "lag",
+        "events",
+        "samples",
+        "windows",
+        "last_export",
+        "dead_letters",
+    )
+    parts = [f"{k}={st[k]}" for k in keys if k in st and st[k] is not None]
+    if "partitions" in st:
+        parts.insert(0, f"partitions={st['partitions']}")
+    return f"{name:<14} {state:<10} " + " ".join(parts)
+
+
+def run_up(
+    cfg: Config,
+    run_dir: Path,
+    stop: threading.Event,
+    *,
+    joiners: int,
+    common: Sequence[str],
+    sim_args: Sequence[str],
+    echo: Callable[[str], None] = print,
+    every_s: float = 2.0,
+    grace_s: float = 30.0,
+) -> int:
+    """Start the topology, print status until ``stop`` or until every child exited; stop all.
+    Returns 0 when every child exited cleanly."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    children: list[Child] = []
+    try:
+        port_file = run_dir / "server.port"
+        port_file.unlink(missing_ok=True)
+        for name, argv in topology(cfg, joiners, common, sim_args, port_file):
+            f = (logs / f"{name}.log").open("ab")
+            children.append(Child(name, spawn_child(argv, stdout=f, stderr=subprocess.STDOUT), f))
+        echo(f"minutely up: {len(children)} services, run folder {run_dir}, logs in {logs}")
+        while not stop.wait(every_s):
+            statuses = read_statuses(run_dir)
+            if port_file.exists() and port_file.read_text().strip():
+                url = f"http://{cfg.serve.host}:{port_file.read_text().strip()}"
+                statuses["serve"] = {"url": url}
+            for c in children:
+                echo(status_line(c.name, statuses.get(c.name), c.proc))
+            if all(c.proc.poll() is not None for c in children if c.name != "serve"):
+                break
+    finally:
+        codes = stop_all(children, grace_s)
+    bad = {n: c for n, c in codes.items() if c not in (0, None)}
+    if bad:
+        echo(f"minutely up: services that failed: {bad} (see {logs})")
+    return 1 if bad else 0
+
+
+def stop_all(children: list[Child], grace_s: float) -> dict[str, int | None]:
+    """SIGTERM every child still running, wait up to ``grace_s``, SIGKILL the rest."""
+    for c in children:
+        if c.proc.poll() is None:
+            c.proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for c in children:
+        try:
+            c.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+        c.log.close()
+    return {c.name: c.proc.returncode for c in children}

@@ -1,0 +1,83 @@
+"""``minutely up``: the whole topology as children, live status lines, a clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from services_helpers import SETTINGS, wait_for
+
+from minutely.pipeline.services import read_statuses
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SERVICES = {"simulate", "join-0", "join-1", "train-ctr", "train-cvr", "serve"}
+
+
+def start_up(run: Path) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "minutely.cli", "up", "--run-dir", str(run), "--joiners", "2"]
+    argv += ["--days", "0.1", "--rate", "2000"]
+    for item in SETTINGS:
+        argv += ["--set", item]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pids_of(run: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split() if int(p) != os.getpid()]
+
+
+def test_up_runs_every_service_shows_status_and_stops_them_all_on_ctrl_c(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    up = start_up(run)
+    try:
+
+        def trained() -> bool:
+            st = read_statuses(run).get("train-ctr", {})
+            return bool(st.get("windows")) and bool(st.get("last_export"))
+
+        wait_for(trained, 120, "the ctr trainer to train and export")
+        assert set(read_statuses(run)) >= SERVICES - {"serve"}
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=60)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode == 0, out[-3000:]
+    lines = out.splitlines()
+    assert lines[0].startswith("minutely up: 6 services")
+    for name in SERVICES:
+        assert any(line.startswith(name) and "running" in line for line in lines), name
+    assert any("partitions=" in line and "lag=" in line for line in lines)
+    assert any(line.startswith("serve") and "url=http://127.0.0.1:" in line for line in lines)
+    assert pids_of(run) == []  # every child stopped
+    final = read_statuses(run)
+    assert all(final[n].get("stopped") for n in SERVICES - {"serve"}), final
+    joined = sum(final[n]["events"] for n in ("join-0", "join-1"))
+    assert joined > 0
+    assert json.loads((run / "checkpoints" / "simulate.json").read_text())["produced"] > 0
+
+
+def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    up = start_up(run)
+    try:
+        wait_for(lambda: len(read_statuses(run)) >= 4, 120, "the services to start")
+        assert len(pids_of(run)) >= 6
+        up.kill()
+        up.wait(10)
+        deadline = time.monotonic() + 15
+        while pids_of(run) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pids_of(run) == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+        up.communicate()
