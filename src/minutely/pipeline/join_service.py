@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -96,18 +95,17 @@ class JoinService:
                 self._save(p)
         return len(records)
 
-    def run(self, stop: threading.Event, *, poll_s: float = 0.2) -> None:
-        """Join until ``stop`` is set; then checkpoint every owned partition and leave the group."""
-        try:
-            while not stop.is_set():
-                self.step(poll_s)
-        finally:
-            self.close()
-
     def close(self) -> None:
         """Checkpoint every owned partition and leave the group (its partitions move at once)."""
         for p in list(self.parts):
             self._save(p)
+        self._consumer.close()
+
+    def abandon(self) -> None:
+        """Let every partition go without a checkpoint (after the log failed mid-step, the
+        state in memory may be ahead of what was written): the next owner, or this process
+        started again, resumes from the last checkpoints."""
+        self.parts.clear()
         self._consumer.close()
 
     def lag(self) -> int:

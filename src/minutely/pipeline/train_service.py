@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -120,12 +119,6 @@ class TrainService:
         if self.windows_done % self.cfg.train.checkpoint_every_windows == 0:
             self.checkpoint()
         return report, exported
-
-    def run(self, stop: threading.Event, *, poll_s: float = 0.2) -> None:
-        """Train windows as they complete until ``stop`` is set; checkpoint on the way out."""
-        while not stop.is_set():
-            self.step(timeout_s=poll_s)
-        self.checkpoint()
 
     def checkpoint(self) -> Path:
         state = {
