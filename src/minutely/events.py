@@ -50,6 +50,7 @@ FUTURE_EVENT = "future event"  # stamped more than ingest.max_future_s ahead of 
 STALE_EVENT = "stale event"  # stamped more than ingest.max_past_s behind the clock
 UNJOINABLE_EVENT = "unjoinable event"  # a valid event the joiner failed on
 UNENCODABLE_SAMPLE = "unencodable sample"  # a joined sample the sample codec refused
+UNDECODABLE_SAMPLES = "undecodable samples"  # a samples message the trainer could not decode
 REASONS: tuple[str, ...] = (
     OVERSIZE_EVENT,
     UNDECODABLE_EVENT,
@@ -59,6 +60,7 @@ REASONS: tuple[str, ...] = (
     STALE_EVENT,
     UNJOINABLE_EVENT,
     UNENCODABLE_SAMPLE,
+    UNDECODABLE_SAMPLES,
 )
 
 # Ids and times are int64 on the wire to the trainer (Arrow, torch): a larger integer is bad

@@ -157,6 +157,7 @@ def run_train(
                 "samples": svc.trainer.samples_seen,
                 "last_export": st.last_version,
                 "exports": st.exported,
+                "dead_letters": svc.dead_letters.count,
             }
 
         def finish() -> None:

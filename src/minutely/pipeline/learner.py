@@ -16,9 +16,11 @@ import pyarrow as pa
 from minutely.config import ModelConfig, TrainConfig
 from minutely.data import decode_batch, record_batch_to_tensors
 from minutely.data.tensors import TensorBatch
+from minutely.errors import CodecError
 from minutely.evaluate import MetricSet, WindowReport
+from minutely.events import UNDECODABLE_SAMPLES
 from minutely.schema import Schema
-from minutely.stream import Log, Record
+from minutely.stream import DeadLetterSink, Log, Record
 from minutely.train import Trainer
 
 
@@ -47,11 +49,15 @@ class SampleWindows:
         positions: Mapping[int, int] | None = None,
         *,
         poll_records: int = 256,
+        dead_letters: DeadLetterSink | None = None,
     ) -> None:
+        """``dead_letters`` receives messages that do not decode as samples of ``schema``
+        (without it, such a message raises :class:`~minutely.errors.CodecError`)."""
         self._schema = schema
         self._buckets = model.buckets
         self._batch_size = batch_size
         self._poll_records = poll_records
+        self._dead = dead_letters
         self._topic = model.samples_topic
         n = log.partitions(self._topic)
         start = dict(positions or {})
@@ -113,7 +119,14 @@ class SampleWindows:
             while q and q[0].ts_ms < end_ms:
                 r = q.popleft()
                 if r.value:  # an empty message only carries the join's watermark
-                    batches.append(decode_batch(r.value, self._schema))
+                    try:
+                        batches.append(decode_batch(r.value, self._schema))
+                    except CodecError as exc:
+                        if self._dead is None:
+                            raise
+                        source = f"{r.topic}/{r.partition}@{r.offset}"
+                        reason = f"{UNDECODABLE_SAMPLES}: {exc}"
+                        self._dead.send(r.value, reason, source, r.ts_ms)
         if not batches:
             return None
         table = pa.Table.from_batches(batches)

@@ -31,12 +31,13 @@ from minutely.config import Config
 from minutely.errors import CheckpointError
 from minutely.evaluate import WindowReport
 from minutely.model import build_model
+from minutely.pipeline.appender import ExactlyOnceWriter
 from minutely.pipeline.export import Exporter, ExportState, window_metrics
 from minutely.pipeline.learner import OnlineLearner, SampleWindows
 from minutely.pipeline.settings import check_settings, output_settings
 from minutely.registry import Manifest, Registry
 from minutely.schema import default_schema
-from minutely.stream import Log
+from minutely.stream import DeadLetterSink, Log
 from minutely.train import Trainer, load_latest_checkpoint, save_checkpoint
 
 STATE = "train_service.json"
@@ -74,12 +75,27 @@ class TrainService:
                 state["settings"], settings, f"train checkpoint in {self.checkpoint_dir}"
             )
         log.create_topic(self.model_cfg.samples_topic, cfg.stream.partitions)
+        dl_topic = cfg.stream.dead_letter_topic
+        log.create_topic(dl_topic, 1)
+        self._dead_out = ExactlyOnceWriter(
+            log,
+            dl_topic,
+            f"train/{model_name}",
+            None if state is None else state.get("dead_letters"),
+        )
+        self.dead_letters = DeadLetterSink(
+            log,
+            dl_topic,
+            write=self._dead_out.append_keyed,
+            counts_by_reason=None if state is None else state.get("dead_letter_counts"),
+        )
         self.samples = SampleWindows(
             log,
             self.model_cfg,
             self.schema,
             cfg.train.batch_size,
             positions=None if state is None else _int_keys(state["positions"]),
+            dead_letters=self.dead_letters,
         )
         self.learner = OnlineLearner(self.trainer, self.samples, cfg.train)
         self.exporter = Exporter(
@@ -127,6 +143,8 @@ class TrainService:
             "exporter": self.exporter.state.to_dict(),
             "next_end_ms": self.next_end_ms,
             "windows_done": self.windows_done,
+            "dead_letters": self._dead_out.state(),
+            "dead_letter_counts": self.dead_letters.counts_by_reason,
         }
         blob = json.dumps(state, sort_keys=True).encode()
         return save_checkpoint(self.checkpoint_dir, self.model, self.trainer, {STATE: blob})
