@@ -30,3 +30,26 @@ def test_benchmark_prints_json_last(script: str, args: list[str], key: str) -> N
     ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result[key] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_pipeline_benchmark_prints_every_figure_on_both_backends() -> None:
+    args = ["--impressions-per-day", "20000", "--days", "0.1", "--live-rate", "3000"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pipeline.py"), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    for backend in ("sqlite", "kafka"):
+        figures = result[backend]
+        assert figures["join_events_per_s"] > 0
+        assert figures["train_samples_per_s"] > 0
+        assert figures["replay_speed"] > 0
+        assert figures["round_trip"]["round_trip_ms_p50"] > 0
+        assert figures["live"]["samples"] > 0
+        assert figures["live"]["lag_wall_s_p99"] >= figures["live"]["lag_wall_s_p50"] > 0
+    assert result["join_goal_met"] == (result["sqlite"]["join_events_per_s"] >= 100_000)

@@ -160,11 +160,15 @@ class FakeConsumer:
     def __init__(self, script: list[list[Message]]) -> None:
         self.script = script
         self.assigned: list[TopicPartition] = []
+        self.paused: set[int] = set()
+        self.end_requests = 0  # end offsets asked of the broker (not the cached ones)
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
         return self.script.pop(0) if self.script else []
 
     def get_watermark_offsets(self, tp: TopicPartition, **kwargs: Any) -> tuple[int, int]:
+        if not kwargs.get("cached"):
+            self.end_requests += 1
         return 0, 5
 
     def assign(self, tps: list[TopicPartition]) -> None:
@@ -174,6 +178,12 @@ class FakeConsumer:
         self.assigned = []
 
     def pause(self, tps: list[TopicPartition]) -> None:
+        self.paused.update(tp.partition for tp in tps)
+
+    def resume(self, tps: list[TopicPartition]) -> None:
+        self.paused.difference_update(tp.partition for tp in tps)
+
+    def seek(self, tp: TopicPartition) -> None:
         pass
 
     def close(self) -> None:
@@ -273,6 +283,108 @@ def test_informational_events_are_skipped(log: KafkaLog) -> None:
     consumer = consumer_with(log, [[error(KafkaError._PARTITION_EOF), record]])
     assert [(r.offset, r.value, r.ts_ms) for r in consumer.poll(10)] == [(0, b"x", 7)]
     assert consumer.positions() == {0: 1}
+
+
+def record(offset: int, partition: int = 0) -> Message:
+    return Message(
+        topic="t", partition=partition, offset=offset, value=b"x", timestamp=(1, 7 + offset)
+    )
+
+
+def end_of(partition: int, offset: int) -> Message:
+    return Message(
+        topic="t",
+        partition=partition,
+        offset=offset,
+        error=KafkaError(KafkaError._PARTITION_EOF),
+    )
+
+
+def test_a_partition_read_to_its_end_rests_until_the_next_poll(log: KafkaLog) -> None:
+    # Its end is reported (an end-of-partition event after its last record) ...
+    fake = FakeConsumer([[record(0), record(1), end_of(0, 2)]])
+    consumer = consumer_with(log, [])
+    replace_client(consumer, fake)
+    assert [r.offset for r in consumer.poll(10)] == [0, 1]
+    assert fake.paused == {0}
+    # ... or it is read through the high watermark of the fetch that brought its last record.
+    fake.script = [[record(2), record(3), record(4)]]
+    assert [r.offset for r in consumer.poll(10)] == [2, 3, 4]
+    assert fake.paused == {0}
+    # The next poll wakes it only long enough to learn that nothing came since.
+    requests = fake.end_requests
+    assert consumer.poll(10) == []
+    assert fake.end_requests == requests + 1
+    assert fake.paused == {0}
+    assert consumer.positions() == {0: 5}
+
+
+def test_an_end_reported_before_a_seek_does_not_rest_the_partition(log: KafkaLog) -> None:
+    fake = FakeConsumer([[record(0), record(1), record(2)], [end_of(0, 2)]])
+    consumer = consumer_with(log, [])
+    replace_client(consumer, fake)
+    assert [r.offset for r in consumer.poll(3)] == [0, 1, 2]
+    consumer.seek(0, 3)
+    assert consumer.poll(10) == []  # the end at 2 is behind the new position
+    assert 0 not in fake.paused
+
+
+def test_a_partition_whose_end_is_unknown_wakes_and_stays_awake(log: KafkaLog) -> None:
+    class NoAnswer(FakeConsumer):
+        def get_watermark_offsets(self, tp: TopicPartition, **kwargs: Any) -> tuple[int, int]:
+            if kwargs.get("cached"):
+                return 0, 5
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+
+    fake = NoAnswer([[record(0), end_of(0, 1)]])
+    consumer = consumer_with(log, [])
+    replace_client(consumer, fake)
+    assert [r.offset for r in consumer.poll(10)] == [0]
+    assert fake.paused == {0}
+    assert consumer.poll(10) == []  # librdkafka fetches it, retrying as it does
+    assert fake.paused == set()
+
+
+def test_resting_partitions_are_woken_before_an_assignment_changes(log: KafkaLog) -> None:
+    # librdkafka keeps a partition paused through an unassign and a later assign.
+    fake = FakeConsumer([[record(0), end_of(0, 1)]])
+    consumer = consumer_with(log, [])
+    replace_client(consumer, fake)
+    consumer.poll(10)
+    assert fake.paused == {0}
+    consumer.assign({0: 1, 1: 0})
+    assert fake.paused == set()
+    member = log.consumer("t", group="g")
+    replace_client(member, fake)
+    member._assigned(fake, [TopicPartition("t", 0)])
+    fake.script = [[record(0), end_of(0, 1)]]
+    member.poll(10)
+    assert fake.paused == {0}
+    member._revoked(fake, [TopicPartition("t", 0)])
+    assert fake.paused == set()
+    assert member.positions() == {}
+
+
+@pytest.mark.parametrize(
+    ("refused", "message"),
+    [
+        ("pause", r"pausing caught-up partitions failed: .*\(_STATE\)"),
+        ("resume", r"resuming resting partitions failed: .*\(_STATE\)"),
+    ],
+)
+def test_pauses_and_resumes_the_client_refuses_make_poll_fail(
+    log: KafkaLog, refused: str, message: str
+) -> None:
+    fake = FakeConsumer([[record(0), end_of(0, 1)]])
+    consumer = consumer_with(log, [])
+    replace_client(consumer, fake)
+    if refused == "resume":
+        consumer.poll(10)  # now it rests
+    setattr(fake, refused, Refusing._refuse)
+    with pytest.raises(
+        StreamError, match=rf"kafka log {NOWHERE}: consumer of topic 't': {message}"
+    ):
+        consumer.poll(10)
 
 
 def test_a_fatal_client_error_makes_every_later_poll_fail(log: KafkaLog) -> None:

@@ -5,6 +5,7 @@ timeout) and comes back (the same clients go on, nothing lost or repeated)."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -206,6 +207,48 @@ def test_closing_the_log_closes_its_consumers(kafka_bootstrap: str, new_topic: N
         log.append(t, values(1, "m"))
     with pytest.raises(StreamError, match=rf"consumer of topic '{t}': the log is closed"):
         log.consumer(t)
+
+
+# --- idle consumers ---------------------------------------------------------------------------
+
+
+def test_a_consumer_read_to_its_end_idles_and_still_sees_new_records_at_once(
+    klog: KafkaLog, new_topic: NewTopic
+) -> None:
+    # The test broker answers a fetch at a partition's end at once instead of holding it: a
+    # consumer that kept fetching a caught-up partition would take a CPU core doing so.
+    t = new_topic("events")
+    klog.create_topic(t, 2)
+    for p in (0, 1):
+        klog.append(t, values(5, f"p{p}-"), partition=p)
+    consumer = klog.consumer(t)
+    try:
+        consumer.assign({0: 0, 1: 0})
+        drain(consumer, 10)
+        cpu = time.process_time()
+        time.sleep(1.0)
+        assert time.process_time() - cpu < 0.2  # CPU seconds of the whole process, all threads
+        # Appended between polls: the next poll fetches it without waiting for a timer.
+        klog.append(t, [(None, b"between", 10)], partition=1)
+        started = time.monotonic()
+        assert [r.value for r in consumer.poll(10, timeout_s=10.0)] == [b"between"]
+        assert time.monotonic() - started < 0.5
+        # Appended while a poll waits: the poll looks for it every fraction of a second.
+        writer = threading.Timer(0.3, lambda: klog.append(t, [(None, b"while", 11)], partition=0))
+        writer.start()
+        started = time.monotonic()
+        try:
+            got = consumer.poll(10, timeout_s=10.0)
+        finally:
+            writer.join()
+        assert [r.value for r in got] == [b"while"]
+        assert time.monotonic() - started < 0.3 + 0.5
+        cpu = time.process_time()
+        assert consumer.poll(10, timeout_s=1.0) == []
+        assert time.process_time() - cpu < 0.2
+        assert consumer.positions() == {0: 6, 1: 6}
+    finally:
+        consumer.close()
 
 
 # --- groups -----------------------------------------------------------------------------------

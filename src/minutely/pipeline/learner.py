@@ -93,6 +93,10 @@ class SampleWindows:
             done = self.complete_until()
             if end_ms is not None and done is not None and done >= end_ms:
                 return True
+            if ends is not None and self._read_to(ends):
+                # Read to where the log ended when the call began: another poll would only
+                # wait its timeout to come back empty.
+                return False
             got = self._consumer.poll(self._poll_records, timeout_s)
             for r in got:
                 self._buf[r.partition].append(r)
@@ -105,10 +109,14 @@ class SampleWindows:
             # call began (a remote log may answer an early poll empty while fetching).
             if ends is None:
                 ends = self._consumer.end_offsets()
-            at = self._consumer.positions()
-            if all(at[p] >= end for p, end in ends.items()):
+            if self._read_to(ends):
                 return False
             timeout_s = max(timeout_s, 0.05)
+
+    def _read_to(self, ends: Mapping[int, int]) -> bool:
+        """Whether every partition is read to its offset in ``ends``."""
+        at = self._consumer.positions()
+        return all(at[p] >= end for p, end in ends.items())
 
     def read_table(self, end_ms: int) -> pa.Table | None:
         """The samples of every message stamped before ``end_ms`` not read yet, sorted by

@@ -34,9 +34,16 @@ _DEFAULTS: dict[Role, dict[str, str]] = {
     # Connecting to every broker at once lets the idempotent producer get its id on its first
     # try instead of after librdkafka's 500 ms retry timer.
     "producer": {"linger.ms": "5", "enable.sparse.connections": "false"},
+    # librdkafka fetches only while nothing it fetched (a record, an end-of-partition event)
+    # waits to be consumed, and then looks again every millisecond: a consumer that is not
+    # polled stops fetching. Against a broker that answers a fetch at a partition's end at once
+    # it would otherwise fetch over and over (see minutely.stream.kafka_rest). One fetch still
+    # runs ahead of the caller.
     "consumer": {
         "fetch.max.bytes": str(FETCH_MAX_BYTES),
         "receive.message.max.bytes": str(RECEIVE_MAX_BYTES),
+        "queued.min.messages": "1",
+        "fetch.queue.backoff.ms": "1",
     },
 }
 # librdkafka's fetch.wait.max.ms default: how long a broker may hold a fetch without data.

@@ -13,6 +13,9 @@ that change owner, stalls on the test broker when members join from separate pro
 Partitions a member *lost* (it was deemed dead, e.g. it did not poll or heartbeat within the
 session timeout) already belong to another member, so they are dropped without ``on_revoke``: a
 checkpoint written then could overwrite the new owner's.
+
+A partition read to its end rests (is paused) until a poll asks for more, and a poll that waits
+looks for new records every ``_IDLE_FETCH_S``: see :mod:`minutely.stream.kafka_rest` for why.
 """
 
 from __future__ import annotations
@@ -35,11 +38,16 @@ from confluent_kafka import (
 from minutely.errors import OffsetOutOfRangeError, StreamError, TopicNotFoundError
 from minutely.stream.base import OnAssign, OnRevoke, Record
 from minutely.stream.kafka_client import LOG, describe, describe_error, record_fields
+from minutely.stream.kafka_rest import Resting
 
 # How many fetched records one poll moves from librdkafka's queue into the buffers at a time,
 # and the buffered bytes beyond which a poll stops moving more (fairness needs only a few).
 _CHUNK = 1_000
 _MAX_BUFFERED_BYTES = 64 << 20
+# While a poll waits and every partition rests, how often it asks whether records came (the
+# latency of a record appended then), and how long it waits for that answer at most.
+_IDLE_FETCH_S = 0.1
+_WAKE_TIMEOUT_S = 1.0
 
 # Events that say the broker cannot be reached right now; librdkafka keeps reconnecting.
 _UNREACHABLE = {
@@ -50,7 +58,6 @@ _UNREACHABLE = {
 }
 # Events that need nothing from the caller: librdkafka recovers by itself.
 _INFORMATIONAL = {
-    KafkaError._PARTITION_EOF,
     KafkaError._MAX_POLL_EXCEEDED,
     KafkaError._NO_OFFSET,
 }
@@ -111,13 +118,18 @@ class KafkaConsumer:
         self._pos: dict[int, int] = {}
         self._buf: dict[int, deque[Record]] = {}
         self._buf_bytes = 0
+        # Per assigned partition, the offset librdkafka has fetched it through: after the last
+        # record delivered, or where it reported the partition's end.
+        self._reached: dict[int, int] = {}
+        self._rest = Resting(topic, self._where)
         self._next = 0  # which partition a poll serves first (rotates, so none starves)
         self._failure: StreamError | None = None
         self._down_since: float | None = None
         self._last_error = ""
         self._closed = False
         try:
-            self._c = Consumer({**conf, "error_cb": self._on_error})
+            # End-of-partition events tell when a partition is read to its end (and may rest).
+            self._c = Consumer({**conf, "enable.partition.eof": True, "error_cb": self._on_error})
             warm_up(self._c, topic, request_timeout_s)
             if group is not None:
                 self._c.subscribe(
@@ -142,6 +154,7 @@ class KafkaConsumer:
             )
         wanted = {p: self._checked_position(p, off) for p, off in positions.items()}
         try:
+            self._rest.release(self._c)
             if wanted:
                 self._c.assign([self._tp(p, off) for p, off in sorted(wanted.items())])
             else:
@@ -149,6 +162,7 @@ class KafkaConsumer:
         except KafkaException as exc:
             raise StreamError(f"{self._where}: assign {wanted} failed: {describe(exc)}") from exc
         self._pos = wanted
+        self._reached = dict(wanted)
         self._buf = {p: deque() for p in wanted}
         self._buf_bytes = 0
 
@@ -168,11 +182,24 @@ class KafkaConsumer:
             raise StreamError(f"{self._where}: timeout_s must be a number >= 0, got {timeout_s!r}")
         self._check_reachable()
         deadline = time.monotonic() + timeout_s
+        self._wake()
+        # Partitions that came to rest in this poll are looked at again at once (the end they
+        # reached may be old), but once only: after that, every _IDLE_FETCH_S.
+        looked: set[int] = set()
         while True:
-            self._fill(max_records, max(0.0, deadline - time.monotonic()))
+            left = max(0.0, deadline - time.monotonic())
+            idle = self._rest.all_rest(self._pos)
+            self._fill(max_records, min(left, _IDLE_FETCH_S) if idle else left)
+            rested = self._settle()
             out = self._take(max_records)
             if out or time.monotonic() >= deadline:
                 return out
+            again = set(rested) - looked
+            if again:
+                looked |= again
+                self._wake(again)
+            elif idle:
+                self._wake()
 
     def seek(self, partition: int, offset: int) -> None:
         """Read ``partition`` from ``offset`` next (it must be assigned to this consumer)."""
@@ -190,6 +217,8 @@ class KafkaConsumer:
                 f"{self._where}: seek partition {partition} to {offset} failed: {describe(exc)}"
             ) from exc
         self._pos[partition] = offset
+        self._reached[partition] = offset
+        self._rest.forget([partition])
         self._drop_buffer(partition)
         self._buf[partition] = deque()
 
@@ -211,6 +240,7 @@ class KafkaConsumer:
             raise StreamError(f"{self._where}: close failed: {describe(exc)}") from exc
         finally:
             self._pos.clear()
+            self._reached.clear()
             self._buf.clear()
         if self._failure is not before:  # an on_revoke that failed while leaving
             self._raise_failure()
@@ -243,6 +273,7 @@ class KafkaConsumer:
             self._fail(f"assigning partitions {parts} failed: {describe(exc)}", exc)
             return
         self._pos = {p: starts.get(p, 0) for p in parts}
+        self._reached = dict(self._pos)
         self._buf = {p: deque() for p in parts}
         self._buf_bytes = 0
 
@@ -267,9 +298,11 @@ class KafkaConsumer:
     def _forget(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         # The eager protocol revokes (or loses) the whole assignment at once.
         self._pos.clear()
+        self._reached.clear()
         self._buf.clear()
         self._buf_bytes = 0
         try:
+            self._rest.release(consumer)
             consumer.unassign()
         except KafkaException as exc:
             self._fail(f"giving up partitions failed: {describe(exc)}", exc)
@@ -304,7 +337,10 @@ class KafkaConsumer:
         for m in msgs:
             err = m.error()
             if err is not None:
-                self._event(err, m)
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self._at_end(m)
+                else:
+                    self._event(err, m)
                 continue
             p = m.partition()
             buf = self._buf.get(p) if p is not None and m.topic() == self._topic else None
@@ -315,7 +351,40 @@ class KafkaConsumer:
                 continue  # fetched before a seek or a reassignment
             buf.append(Record(self._topic, p, off, key, value, ts, headers))
             self._buf_bytes += len(value)
+            self._reached[p] = off + 1
+            self._rest.record(p)
             self._down_since = None
+
+    def _at_end(self, m: Message) -> None:
+        """librdkafka reached the end of a partition (it reports each end once)."""
+        p = m.partition()
+        if p is None or p not in self._reached or m.topic() != self._topic:
+            return
+        off = m.offset()
+        if off is not None:
+            if off < self._reached[p]:
+                return  # reported before a seek or a reassignment
+            self._reached[p] = off
+        self._rest.end(p)
+        self._down_since = None
+
+    def _settle(self) -> list[int]:
+        """Rest the partitions read to their end; returns them."""
+        try:
+            return self._rest.settle(self._c, self._reached)
+        except KafkaException as exc:
+            raise StreamError(
+                f"{self._where}: pausing caught-up partitions failed: {describe(exc)}"
+            ) from exc
+
+    def _wake(self, only: set[int] | None = None) -> None:
+        """Resume resting partitions that have records to fetch (all, or those of ``only``)."""
+        try:
+            self._rest.wake(self._c, self._reached, _WAKE_TIMEOUT_S, only)
+        except KafkaException as exc:
+            raise StreamError(
+                f"{self._where}: resuming resting partitions failed: {describe(exc)}"
+            ) from exc
 
     def _on_error(self, err: KafkaError) -> None:
         """librdkafka's client-wide errors (served inside consume()): remember, never raise."""
