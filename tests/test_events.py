@@ -311,3 +311,46 @@ def test_the_ingest_bounds_are_config_fields(field: str) -> None:
     assert getattr(load_config(None, {"ingest": {field: 7}}).ingest, field) == 7
     with pytest.raises(ConfigError, match=rf"'ingest\.{field}': expected int >= 1, got 0"):
         load_config(None, {"ingest": {field: 0}})
+
+
+_JSON_VALUES = st.one_of(
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(width=64),
+    st.sampled_from([F32_OVERFLOW, -F32_OVERFLOW, 3.4e38, -3.4e38, 2.0**63, -(2.0**63)]),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=2),
+    st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=4),
+    st.lists(st.one_of(st.floats(allow_nan=False), st.booleans()), max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    changes=st.dictionaries(st.sampled_from([*features(), "x"]), _JSON_VALUES, max_size=4),
+    dropped=st.sets(st.sampled_from(list(features())), max_size=2),
+)
+def test_parse_refuses_what_check_refuses_with_the_same_reason(
+    changes: dict[str, object], dropped: set[str]
+) -> None:
+    feats = {k: v for k, v in {**features(), **changes}.items() if k not in dropped}
+    raw = msgspec.json.encode({"type": "impression", "imp_id": 1, "ts_ms": NOW, "features": feats})
+    v = validator(max_ids_per_feature=3)
+    try:
+        event = decode_event(raw)
+    except EventError:
+        return  # refused at decoding, by parse as by decode_event
+    assert isinstance(event, Impression)
+    # The shortcut of decoded features agrees with the full check, both ways.
+    assert v._fits_decoded(event.features) == (v._first_bad(event.features) is None)
+    expected: str | None = None
+    try:
+        v.check(event, NOW)
+    except EventError as exc:
+        expected = str(exc)
+    if expected is None:
+        assert v.parse(raw, NOW) == event
+    else:
+        with pytest.raises(EventError) as info:
+            v.parse(raw, NOW)
+        assert str(info.value) == expected

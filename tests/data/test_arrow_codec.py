@@ -193,6 +193,10 @@ def test_random_samples_round_trip_through_arrow_and_json(samples: list[Sample])
             r"feature 'user_interests': expected a list .* None \(NoneType\) at position 0",
         ),
         (
+            {"user_interests": [1, 2**63]},
+            r"feature 'user_interests': expected a list .* 9223372036854775808 .* position 1",
+        ),
+        (
             {"ad_ctr_1h": float("nan")},
             r"feature 'ad_ctr_1h': expected a finite number within float32 range, got nan",
         ),
@@ -262,6 +266,7 @@ def test_encoder_reports_values_it_failed_to_convert(
 ) -> None:
     # Values that fit the schema but that the conversion refuses: an internal fault, still
     # reported as a SchemaError that names the column.
+    monkeypatch.setattr(arrow_module, "_fast_columns", lambda samples, layout: None)
     monkeypatch.setattr(arrow_module, "_try_int_lists", lambda values: None)
     with pytest.raises(
         SchemaError,
@@ -273,6 +278,46 @@ def test_encoder_reports_values_it_failed_to_convert(
         SchemaError, match="field 'sample_id' fits but could not be encoded as an int64"
     ):
         samples_to_record_batch([_sample(schema)], schema)
+
+
+def test_the_fast_path_encodes_what_the_checked_path_encodes(
+    schema: Schema, samples: list[Sample]
+) -> None:
+    unusual = [
+        _sample(schema, features=_features(schema, user_interests=[])),
+        _sample(schema, features=_features(schema, ad_ctr_1h=3, user_activity=2**53 + 1)),
+        _sample(schema, sample_id=-(2**63), label=1, is_correction=True, label_ts_ms=2**63 - 1),
+    ]
+    for batch in (samples, unusual, samples[:1], [*samples, *unusual]):
+        fast = arrow_module._fast_columns(batch, arrow_module._layout(schema))
+        assert fast is not None
+        checked = arrow_module._checked_record_batch(batch, schema)
+        assert pa.RecordBatch.from_arrays(fast, schema=checked.schema).equals(checked)
+        assert encode_batch(samples_to_record_batch(batch, schema)) == encode_batch(checked)
+
+
+@pytest.mark.parametrize(
+    ("numpy_fields", "python_fields"),
+    [
+        ({"sample_id": np.int64(3)}, {"sample_id": 3}),
+        ({"label": np.int8(1)}, {"label": 1}),
+        ({"ad_id": np.int64(-5)}, {"ad_id": -5}),
+        ({"ad_ctr_1h": np.float32(0.25)}, {"ad_ctr_1h": 0.25}),
+        ({"user_interests": [np.int64(4)]}, {"user_interests": [4]}),
+    ],
+)
+def test_values_the_fast_path_refuses_are_encoded_by_the_checked_path(
+    schema: Schema, numpy_fields: dict[str, object], python_fields: dict[str, object]
+) -> None:
+    def batch(fields: dict[str, object]) -> list[Sample]:
+        feats = _features(schema, **{k: v for k, v in fields.items() if k in _features(schema)})
+        rest = {k: v for k, v in fields.items() if k not in feats}
+        return [_sample(schema), _sample(schema, features=feats, **rest)]
+
+    unusual = batch(numpy_fields)
+    assert arrow_module._fast_columns(unusual, arrow_module._layout(schema)) is None
+    got = samples_to_record_batch(unusual, schema)
+    assert got.equals(samples_to_record_batch(batch(python_fields), schema))
 
 
 # -- decoding bytes that are not a sample batch of this schema --------------------------------

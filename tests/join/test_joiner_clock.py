@@ -1,11 +1,14 @@
-"""The caller's clock caps the watermark: an event stamped ahead of it cannot make others late."""
+"""The caller's clock caps the watermark: an event stamped ahead of it cannot make others late;
+a run of events, each with its own clock, joins as the events one by one."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minutely.config import JoinConfig, ModelConfig
+from minutely.errors import EventError
 from minutely.events import Click, Conversion, Event, Impression
 from minutely.join import Joiner
 from minutely.schema import default_schema
@@ -95,3 +98,42 @@ def test_watermark_is_the_newest_time_capped_at_the_clock(steps: list[tuple[int,
         if isinstance(ev, Impression) and on_time:
             # Stamped within the lateness of the clock: never late, whatever came before.
             assert all(late.event is not ev for late in j.drain_late())
+
+
+@settings(max_examples=100, deadline=None)
+@given(streams())
+def test_a_clocked_run_joins_as_the_events_one_by_one(steps: list[tuple[int, Event]]) -> None:
+    one_by_one = make()
+    for now, ev in steps:
+        one_by_one.process(ev, now_ms=now)
+    run = make()
+    run.process_clocked([(ev, now) for now, ev in steps])
+    assert run.watermark_ms == one_by_one.watermark_ms
+    one_by_one.flush_all()
+    run.flush_all()
+    assert run.drain() == one_by_one.drain()
+    assert run.drain_late() == one_by_one.drain_late()
+    assert run.stats == one_by_one.stats
+
+
+def test_a_failing_event_in_a_run_costs_that_event_only() -> None:
+    bad = Impression(2**64, NOW, {})  # beyond the joiner's id space
+    events = [(imp(1, NOW), NOW), (bad, NOW), (imp(3, NOW + 1_000), NOW + 1_000)]
+    failures: list[tuple[int, str]] = []
+    j = make()
+    j.process_clocked(events, lambda i, exc: failures.append((i, str(exc))))
+    assert failures == [
+        (1, f"Joiner.process: impression imp_id expected in [0, 2**64), got {2**64}")
+    ]
+    assert j.stats.processed == 2
+    j.flush_all()
+    assert [s.sample_id for s in j.drain()["ctr"]] == [1, 3]
+
+
+def test_without_on_error_a_failing_event_raises_after_the_events_before_it() -> None:
+    j = make()
+    with pytest.raises(EventError, match=r"imp_id expected in \[0, 2\*\*64\), got -1"):
+        j.process_clocked([(imp(1, NOW), NOW), (Impression(-1, NOW, {}), NOW), (imp(3, NOW), NOW)])
+    assert j.stats.processed == 1
+    j.flush_all()
+    assert [s.sample_id for s in j.drain()["ctr"]] == [1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from minutely.config import Config
 from minutely.data import decode_batch, record_batch_to_samples
 from minutely.events import (
     INVALID_IMPRESSION,
+    UNDECODABLE_EVENT,
     UNENCODABLE_SAMPLE,
     UNJOINABLE_EVENT,
     Click,
@@ -102,6 +104,26 @@ def two_halves(cfg: Config, log: SqliteLog, bad: bytes | None) -> tuple[JoinStag
     return js, state
 
 
+def fail_joining(monkeypatch: pytest.MonkeyPatch, bad_ids: set[int]) -> None:
+    """Make the joiner fail on the events of ``bad_ids``, alone: the others join one by one."""
+    process_clocked = Joiner.process_clocked
+
+    def failing(
+        self: Joiner,
+        events: Iterable[tuple[Event, int]],
+        on_error: Callable[[int, Exception], None] | None = None,
+    ) -> None:
+        for i, pair in enumerate(events):
+            if pair[0].imp_id not in bad_ids:
+                process_clocked(self, [pair])
+            elif on_error is None:
+                raise RuntimeError("joiner state is inconsistent")
+            else:
+                on_error(i, RuntimeError("joiner state is inconsistent"))
+
+    monkeypatch.setattr(Joiner, "process_clocked", failing)
+
+
 def bad_impression(cfg: Config, dense: float) -> bytes:
     """An impression logged in the second half hour (see :func:`two_halves`)."""
     return encode_event(Impression(BAD_ID, cfg.sim.start_ms + HALF_HOUR + 1, features(dense)))
@@ -125,14 +147,7 @@ def test_one_bad_record_costs_one_dead_letter_also_across_a_resume(
 ) -> None:
     cfg = small_cfg
     if fault == "joiner fails":
-        process = Joiner.process
-
-        def failing(self: Joiner, event: Event, *, now_ms: int | None = None) -> None:
-            if event.imp_id == BAD_ID:
-                raise RuntimeError("joiner state is inconsistent")
-            process(self, event, now_ms=now_ms)
-
-        monkeypatch.setattr(Joiner, "process", failing)
+        fail_joining(monkeypatch, {BAD_ID})
     if fault == "unencodable":  # an ingest check that lets a float32 overflow through
         monkeypatch.setattr(EventValidator, "check", lambda self, event, now_ms: None)
     bad = bad_impression(cfg, 1e39 if fault != "joiner fails" else 0.5)
@@ -187,6 +202,36 @@ def test_a_batch_of_only_unencodable_samples_writes_no_message(
     assert letter.reason.startswith(f"{UNENCODABLE_SAMPLE}: sample_id {BAD_ID}: ")
     assert ends(small_cfg, log) == [0] * len(ends(small_cfg, log))
     assert js.stats.samples == {"ctr": 0, "cvr": 0}
+
+
+def test_dead_letters_keep_the_order_of_their_records(
+    tmp_path: Path, small_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail_joining(monkeypatch, {BAD_ID, BAD_ID + 3})
+    log = SqliteLog(tmp_path / "log.sqlite")
+    start = small_cfg.sim.start_ms
+    clock = ReplayClock(start)
+    js = stage(small_cfg, log, clock)
+    key = BAD_ID.to_bytes(8, "big")  # one key: one partition, in this order
+    values = [
+        encode_event(Impression(BAD_ID, start, features())),  # the joiner fails
+        b"{",  # refused
+        encode_event(Impression(BAD_ID + 2, start, features())),  # joined
+        encode_event(Impression(BAD_ID + 3, start, features())),  # the joiner fails
+        encode_event(Impression(BAD_ID + 4, start, features(1e39))),  # refused
+    ]
+    placed = log.append(small_cfg.stream.raw_topic, [(key, v, start) for v in values])
+    step(js, clock, start + HALF_HOUR)
+    letters = read_dead_letters(log, small_cfg.stream.dead_letter_topic)
+    (partition,) = {p for p, _ in placed}
+    assert [(reason_group(letter.reason), letter.source) for letter in letters] == [
+        (UNJOINABLE_EVENT, f"events/{partition}@0"),
+        (UNDECODABLE_EVENT, f"events/{partition}@1"),
+        (UNJOINABLE_EVENT, f"events/{partition}@3"),
+        (INVALID_IMPRESSION, f"events/{partition}@4"),
+    ]
+    assert js.stats.samples["ctr"] == 1
+    log.close()
 
 
 def test_a_click_stamped_ahead_of_the_clock_leaves_valid_impressions_on_time(

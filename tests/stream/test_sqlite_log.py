@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import re
 import sqlite3
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 
 from minutely.errors import StreamError
-from minutely.stream import SqliteLog, TopicReader
+from minutely.stream import Record, SqliteLog, TopicReader
+from minutely.stream import sqlite as sqlite_module
 
 
 @pytest.fixture
@@ -228,6 +230,25 @@ def test_threads_may_share_one_log(path: Path) -> None:
         records = log.read("events", 0, 0, 1_000)
     assert [r.offset for r in records] == list(range(400))
     assert len({r.value for r in records}) == 400
+
+
+def test_read_records_are_the_records_their_constructor_builds(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with SqliteLog(path) as log:
+        log.create_topic("events", 2)
+        log.append("events", [(b"k", b"a", 5, (("h", b"1"),)), (None, b"b", 6)], partition=1)
+        got = log.read("events", 1, 0, 10)
+        assert got == [
+            Record("events", 1, 0, b"k", b"a", 5, (("h", b"1"),)),
+            Record("events", 1, 1, None, b"b", 6, ()),
+        ]
+        assert hash(got[1]) == hash(Record("events", 1, 1, None, b"b", 6, ()))
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got[0].value = b"x"  # type: ignore[misc]
+        # A Record without slots would be built by its constructor, to the same records.
+        monkeypatch.setattr(sqlite_module, "_SETTERS", None)
+        assert log.read("events", 1, 0, 10) == got
 
 
 def test_headers_that_do_not_decode_name_the_record(path: Path) -> None:

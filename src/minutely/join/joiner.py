@@ -55,8 +55,9 @@ resume exactly after the last processed event (undrained outputs and stats inclu
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -170,11 +171,21 @@ class Joiner:
         With ``now_ms`` (the caller's clock), the event moves the watermark at most to
         ``now_ms - allowed_lateness``; without it, to its own time minus the lateness.
         """
-        self.process_many((event,), now_ms=now_ms)
+        self.process_clocked(((event, _NEVER if now_ms is None else now_ms),))
 
     def process_many(self, events: Iterable[Event], *, now_ms: int | None = None) -> None:
-        """:meth:`process` each event in order.
+        """:meth:`process` each event in order, all with the same ``now_ms``."""
+        self.process_clocked(zip(events, itertools.repeat(_NEVER if now_ms is None else now_ms)))
 
+    def process_clocked(
+        self,
+        events: Iterable[tuple[Event, int]],
+        on_error: Callable[[int, Exception], None] | None = None,
+    ) -> None:
+        """:meth:`process` each ``(event, now_ms)`` pair in order: each event with its own clock.
+
+        An event that fails raises, the events before it joined; with ``on_error``, it costs
+        that event only: ``on_error(index, exception)`` is called and the next event follows.
         The impression path is inlined: it runs about a million times per simulated day.
         """
         imps = self._imps
@@ -184,56 +195,64 @@ class Joiner:
         lateness = self._lateness
         on_click = self._on_click
         on_conversion = self._on_conversion
-        # Only this loop moves the watermark while it runs: read it from locals, write through.
+        # Only this loop moves the watermark while it runs: read it from locals, write through
+        # (so they still hold after a failed event).
         wm = self._wm
         max_ts = self._max_ts
-        cap = _NEVER if now_ms is None else now_ms
-        done = 0
+        taken = 0
+        failed = 0
         try:
-            for event in events:
-                if isinstance(event, Impression):
-                    ts = event.ts_ms
-                    iid = event.imp_id
-                    if ts < wm:
-                        self._late_impressions += 1
-                        self._reject(LateEvent(event, "late_impression", wm))
-                    elif iid in imps and self._catch_up() and iid in imps:
-                        self._duplicates += 1  # held once evictions are caught up: a repeat
-                    elif not 0 <= iid <= _ID_MASK:
-                        raise EventError(
-                            f"Joiner.process: impression imp_id expected in [0, 2**64), got {iid}"
-                        )
+            for event, cap in events:
+                taken += 1
+                try:
+                    if isinstance(event, Impression):
+                        ts = event.ts_ms
+                        iid = event.imp_id
+                        if ts < wm:
+                            self._late_impressions += 1
+                            self._reject(LateEvent(event, "late_impression", wm))
+                        elif iid in imps and self._catch_up() and iid in imps:
+                            self._duplicates += 1  # held once evictions are caught up: a repeat
+                        elif not 0 <= iid <= _ID_MASK:
+                            raise EventError(
+                                "Joiner.process: impression imp_id expected in [0, 2**64), "
+                                f"got {iid}"
+                            )
+                        else:
+                            imps[iid] = event
+                            _heappush(incoming, (ts << _ID_BITS) | iid)
+                            if ts + first_due < self._due:
+                                self._due = ts + first_due
+                            if pending and iid in pending:
+                                self._replay(iid)
+                    elif isinstance(event, Click):
+                        ts = event.ts_ms
+                        on_click(event)
+                    elif isinstance(event, Conversion):
+                        ts = event.ts_ms
+                        on_conversion(event)
                     else:
-                        imps[iid] = event
-                        _heappush(incoming, (ts << _ID_BITS) | iid)
-                        if ts + first_due < self._due:
-                            self._due = ts + first_due
-                        if pending and iid in pending:
-                            self._replay(iid)
-                elif isinstance(event, Click):
-                    ts = event.ts_ms
-                    on_click(event)
-                elif isinstance(event, Conversion):
-                    ts = event.ts_ms
-                    on_conversion(event)
-                else:
-                    raise EventError(
-                        f"Joiner.process: expected an Impression, Click or Conversion, "
-                        f"got {type(event).__name__}"
-                    )
-                done += 1
-                if ts > max_ts:
-                    if ts > cap:  # stamped ahead of the clock: counts as stamped now
-                        ts = cap if cap > max_ts else max_ts
-                    self._max_ts = max_ts = ts
-                    if ts - lateness > wm:
-                        self._wm = wm = ts - lateness
-                        if wm > self._pending_due:
-                            self._expire_pending()
-                        if wm - _BATCH_MS > self._due:
-                            self._release()
+                        raise EventError(
+                            f"Joiner.process: expected an Impression, Click or Conversion, "
+                            f"got {type(event).__name__}"
+                        )
+                    if ts > max_ts:
+                        if ts > cap:  # stamped ahead of the clock: counts as stamped now
+                            ts = cap if cap > max_ts else max_ts
+                        self._max_ts = max_ts = ts
+                        if ts - lateness > wm:
+                            self._wm = wm = ts - lateness
+                            if wm > self._pending_due:
+                                self._expire_pending()
+                            if wm - _BATCH_MS > self._due:
+                                self._release()
+                except Exception as exc:
+                    failed += 1
+                    if on_error is None:
+                        raise
+                    on_error(taken - 1, exc)
         finally:
-            self._processed += done
+            self._processed += taken - failed
 
     def advance_to(self, now_ms: int) -> None:
         """Push the watermark to ``now_ms - allowed_lateness`` (a replay clock tick while idle)."""

@@ -99,6 +99,7 @@ class JoinService:
         """Checkpoint every owned partition and leave the group (its partitions move at once)."""
         for p in list(self.parts):
             self._save(p)
+        self.parts.clear()  # saved: the revocation inside close has nothing left to save
         self._consumer.close()
 
     def abandon(self) -> None:

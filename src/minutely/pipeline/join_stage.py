@@ -42,7 +42,7 @@ from minutely.config import (
 from minutely.data import encode_batch, samples_to_json, samples_to_record_batch
 from minutely.data.samples import Sample
 from minutely.errors import CheckpointError, EventError
-from minutely.events import UNENCODABLE_SAMPLE, UNJOINABLE_EVENT, EventValidator
+from minutely.events import UNENCODABLE_SAMPLE, UNJOINABLE_EVENT, Event, EventValidator
 from minutely.join import Joiner
 from minutely.pipeline.appender import ExactlyOnceWriter
 from minutely.schema import Schema
@@ -157,34 +157,50 @@ class PartitionJoin:
         before it.
         """
         parse = self._validator.parse
-        process = self._joiner.process
         window = self._s.window_ms
         clock = self.clock_ms
+        # The joiner takes the events in runs, each event with the clock after it (the clock
+        # caps how far an event moves the watermark: an event stamped ahead of it cannot make
+        # valid ones late). A run ends before a release and before a dead letter, so that
+        # everything still happens in record order.
+        run: list[tuple[Event, int]] = []
+        run_records: list[Record] = []
         for rec in records:
             try:
                 event = parse(rec.value, rec.ts_ms)
             except EventError as exc:
+                self._join(run, run_records)
                 self._dead_letter(rec.value, str(exc), _source(rec))
                 continue
             vouched = event.ts_ms if event.ts_ms < rec.ts_ms else rec.ts_ms
             if vouched > clock:
                 new = vouched if now_ms is None or vouched < now_ms else now_ms - 1
                 if new // window != clock // window and clock != _NO_TIME:
+                    self._join(run, run_records)
                     self.clock_ms = clock
                     self._release()
                     self._mark(new)
                 clock = new
-            try:
-                # The clock caps how far an event moves the watermark: an event stamped ahead
-                # of it cannot make valid ones late.
-                process(event, now_ms=clock)
-            except Exception as exc:  # a joiner failure costs that event, not the stream
-                reason = f"{UNJOINABLE_EVENT}: {type(exc).__name__}: {exc}"
-                self._dead_letter(rec.value, reason, _source(rec))
+            run.append((event, clock))
+            run_records.append(rec)
+        self._join(run, run_records)
         if records:
             self.position = records[-1].offset + 1
             self.stats.events += len(records)
         self.clock_ms = clock
+
+    def _join(self, run: list[tuple[Event, int]], records: list[Record]) -> None:
+        """Join a run of events (clocked) and empty it; ``records`` are the events' records."""
+        if not run:
+            return
+
+        def failed(i: int, exc: Exception) -> None:  # a joiner failure costs that event only
+            reason = f"{UNJOINABLE_EVENT}: {type(exc).__name__}: {exc}"
+            self._dead_letter(records[i].value, reason, _source(records[i]))
+
+        self._joiner.process_clocked(run, failed)
+        run.clear()
+        records.clear()
 
     def advance_to(self, now_ms: int) -> None:
         """The caller vouches that every event up to ``now_ms`` has arrived (an idle tick):
