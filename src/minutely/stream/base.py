@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from minutely.errors import StreamError
+
 Headers = tuple[tuple[str, bytes], ...]
 
 # A message to append: (key, value, ts_ms) or (key, value, ts_ms, headers).
@@ -134,6 +136,24 @@ class Log(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def check_topic_args(where: str, topic: object, partitions: object) -> None:
+    """The arguments of ``create_topic``, checked alike by every backend (``where`` names it)."""
+    if not isinstance(topic, str) or not topic:
+        raise StreamError(f"{where}: topic name must be a non-empty string, got {topic!r}")
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise StreamError(
+            f"{where}: topic {topic!r} needs an int >= 1 partitions, got {partitions!r}"
+        )
+
+
+def check_read_args(where: str, offset: object, max_records: object) -> None:
+    """The offset and limit of ``read``, checked alike by every backend (``where`` names it)."""
+    if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
+        raise StreamError(f"{where}: max_records must be an int >= 0, got {max_records!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise StreamError(f"{where}: offset must be an int, got {offset!r}")
 
 
 def partition_for(key: bytes, partitions: int) -> int:

@@ -39,7 +39,14 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from minutely.errors import OffsetOutOfRangeError, StreamError, TopicNotFoundError
-from minutely.stream.base import Headers, OnAssign, OnRevoke, Record
+from minutely.stream.base import (
+    Headers,
+    OnAssign,
+    OnRevoke,
+    Record,
+    check_read_args,
+    check_topic_args,
+)
 from minutely.stream.base import Message as LogMessage
 from minutely.stream.kafka_client import (
     LOG,
@@ -115,14 +122,7 @@ class KafkaLog:
 
     def create_topic(self, topic: str, partitions: int) -> None:
         """Create ``topic`` with ``partitions`` partitions; a no-op if it exists with as many."""
-        if not isinstance(topic, str) or not topic:
-            raise StreamError(
-                f"{self._where}: topic name must be a non-empty string, got {topic!r}"
-            )
-        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-            raise StreamError(
-                f"{self._where}: topic {topic!r} needs an int >= 1 partitions, got {partitions!r}"
-            )
+        check_topic_args(self._where, topic, partitions)
         what = f"create topic {topic!r} with {partitions} partitions"
         new = NewTopic(topic, num_partitions=partitions, config=dict(_TOPIC_CONFIG))
         with self._lock:
@@ -227,12 +227,7 @@ class KafkaLog:
         n = self.partitions(topic)
         self._check_partition(topic, partition, n)
         where = f"read topic {topic!r} partition {partition} at offset {offset}"
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
-            raise StreamError(
-                f"{self._where}: {where}: max_records must be an int >= 0, got {max_records!r}"
-            )
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise StreamError(f"{self._where}: {where}: offset must be an int, got {offset!r}")
+        check_read_args(f"{self._where}: {where}", offset, max_records)
         with self._lock:
             reader = self._reader_client(where)
             low, end = self._watermarks(reader, topic, partition)

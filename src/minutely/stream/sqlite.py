@@ -36,7 +36,15 @@ from typing import Any, NoReturn, cast
 import msgspec
 
 from minutely.errors import OffsetOutOfRangeError, StreamError, TopicNotFoundError
-from minutely.stream.base import Headers, Message, OnAssign, OnRevoke, Record
+from minutely.stream.base import (
+    Headers,
+    Message,
+    OnAssign,
+    OnRevoke,
+    Record,
+    check_read_args,
+    check_topic_args,
+)
 from minutely.stream.partitioner import partitions_for
 from minutely.stream.sqlite_consumer import SqliteConsumer
 
@@ -200,15 +208,7 @@ class SqliteLog:
 
     def create_topic(self, topic: str, partitions: int) -> None:
         """Create ``topic`` with ``partitions`` partitions; a no-op if it exists with as many."""
-        if not isinstance(topic, str) or not topic:
-            raise StreamError(
-                f"sqlite log {self._path}: topic name must be a non-empty string, got {topic!r}"
-            )
-        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-            raise StreamError(
-                f"sqlite log {self._path}: topic {topic!r} needs an int >= 1 partitions, "
-                f"got {partitions!r}"
-            )
+        check_topic_args(f"sqlite log {self._path}", topic, partitions)
         with self._write(f"create topic {topic!r}") as conn:
             row = conn.execute(
                 "SELECT id, partitions FROM topics WHERE name = ?", (topic,)
@@ -262,16 +262,8 @@ class SqliteLog:
         fewer (possibly none) at the end."""
         topic_id, n = self._topic(topic)
         self._check_partition(topic, partition, n)
-        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 0:
-            raise StreamError(
-                f"sqlite log {self._path}: read of topic {topic!r} partition {partition}: "
-                f"max_records must be an int >= 0, got {max_records!r}"
-            )
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise StreamError(
-                f"sqlite log {self._path}: read of topic {topic!r} partition {partition}: "
-                f"offset must be an int, got {offset!r}"
-            )
+        where = f"sqlite log {self._path}: read of topic {topic!r} partition {partition}"
+        check_read_args(where, offset, max_records)
         if offset < 0:
             self._out_of_range(topic, partition, offset)
         where = f"read topic {topic!r} partition {partition} at offset {offset}"
