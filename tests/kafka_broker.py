@@ -120,6 +120,10 @@ class KafkaBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT_S)
+        # The binary may leave a process of its own behind when stopped early (during its
+        # start): the whole session it was started in goes.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     def restart(self) -> None:
         """Stop, then start again on the same port and data."""
