@@ -211,16 +211,7 @@ def enc(doc: Doc, **changes: object) -> bytes:
 
 
 def stage(cfg: Config, log: SqliteLog, clock: ReplayClock) -> JoinStage:
-    return JoinStage(
-        log,
-        cfg.stream,
-        cfg.ingest,
-        cfg.join,
-        cfg.models,
-        default_schema(),
-        clock,
-        cfg.train.batch_size,
-    )
+    return JoinStage.from_config(log, cfg, default_schema(), clock)
 
 
 def run_ticks(cfg: Config, log: SqliteLog, ticks: list[list[Message]], start: int) -> JoinStage:

@@ -21,17 +21,7 @@ WINDOW_MS = 300_000
 
 def stage(cfg: Config, log: SqliteLog, state: dict[str, Any] | None = None) -> JoinStage:
     clock = ReplayClock(cfg.sim.start_ms + MS_PER_HOUR)
-    return JoinStage(
-        log,
-        cfg.stream,
-        cfg.ingest,
-        cfg.join,
-        cfg.models,
-        default_schema(),
-        clock,
-        cfg.train.batch_size,
-        state=state,
-    )
+    return JoinStage.from_config(log, cfg, default_schema(), clock, state)
 
 
 @pytest.fixture

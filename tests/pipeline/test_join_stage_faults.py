@@ -42,17 +42,7 @@ HALF_HOUR = 30 * MS_PER_MIN
 def stage(
     cfg: Config, log: SqliteLog, clock: ReplayClock, state: dict[str, Any] | None = None
 ) -> JoinStage:
-    return JoinStage(
-        log,
-        cfg.stream,
-        cfg.ingest,
-        cfg.join,
-        cfg.models,
-        default_schema(),
-        clock,
-        cfg.train.batch_size,
-        state=state,
-    )
+    return JoinStage.from_config(log, cfg, default_schema(), clock, state)
 
 
 def features(dense: float = 0.5) -> dict[str, Any]:

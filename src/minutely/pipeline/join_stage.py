@@ -365,6 +365,31 @@ class JoinStage:
         self.parts = [PartitionJoin(log, settings, schema, p, parts[p]) for p in range(n)]
         self._reader = TopicReader(log, self._raw, {p.partition: p.position for p in self.parts})
 
+    @classmethod
+    def from_config(
+        cls,
+        log: Log,
+        cfg: Config,
+        schema: Schema,
+        clock: Clock,
+        state: dict[str, Any] | None = None,
+        *,
+        models: Sequence[ModelConfig] | None = None,
+    ) -> JoinStage:
+        """The stage ``cfg`` describes, for all its models unless ``models`` names fewer."""
+        return cls(
+            log,
+            cfg.stream,
+            cfg.ingest,
+            cfg.join,
+            cfg.models if models is None else models,
+            schema,
+            clock,
+            cfg.train.batch_size,
+            state,
+            window_ms=cfg.train.window_s * 1000,
+        )
+
     @property
     def stats(self) -> JoinStageStats:
         total = JoinStageStats()

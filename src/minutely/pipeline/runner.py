@@ -119,17 +119,13 @@ class OnlinePipeline:
             writer=None if state is None else state["source"]["writer"],
             produced=0 if state is None else int(state["source"]["produced"]),
         )
-        self.join = JoinStage(
+        self.join = JoinStage.from_config(
             log,
-            cfg.stream,
-            cfg.ingest,
-            cfg.join,
-            models,
+            cfg,
             schema,
             self.clock,
-            cfg.train.batch_size,
-            state=None if state is None else state["join"],
-            window_ms=cfg.train.window_s * 1000,
+            None if state is None else state["join"],
+            models=models,
         )
         self.samples = SampleWindows(
             log,
