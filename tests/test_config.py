@@ -227,3 +227,35 @@ def test_stream_kafka_options_stay_immutable_hashable_and_picklable() -> None:
 def test_bad_stream_fields_fail_naming_the_field(stream: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"stream": stream})
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (
+            {"name": "c", "loss": "fnw"},
+            r"'models\.c\.attribution_window_s': expected 0 \(loss 'fnw' trains on samples "
+            r"emitted at once\), got 600",
+        ),
+        (
+            {"name": "c", "loss": "fnc", "attribution_window_s": 0, "correction_horizon_s": 0},
+            r"'models\.c\.correction_horizon_s': expected int >= 1 \(loss 'fnc' learns",
+        ),
+        ({"name": "c", "loss": "focal"}, r"'models\[0\]\.loss': expected one of \['bce', 'pu'"),
+    ],
+)
+def test_loss_rules_fail_at_load_naming_the_field(model: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, {"models": [model], "demo": {"model": "c"}})
+
+
+def test_fake_negative_losses_load_with_an_immediate_window() -> None:
+    cfg = load_config(
+        None,
+        {
+            "models": [{"name": "c", "loss": "fnw", "attribution_window_s": 0}],
+            "demo": {"model": "c"},
+        },
+    )
+    assert cfg.model("c").loss == "fnw"
+    assert cfg.model("c").attribution_window_s == 0

@@ -142,14 +142,26 @@ class JoinConfig:
     max_click_delay_s: int = field(default=3_600, metadata=_range(0))
 
 
+LossName = Literal["bce", "pu", "fnw", "fnc"]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """One model: its label, attribution window and architecture."""
+    """One model: its label, attribution window, loss and architecture.
+
+    A sample waits ``attribution_window_s`` for its action (click or conversion) before it is
+    labeled; an action later than that but within ``correction_horizon_s`` after the window
+    re-emits it as a positive correction. ``attribution_window_s = 0`` waits for nothing: every
+    sample goes out at once as a negative and its action, when it comes within the horizon, as a
+    positive duplicate (what the ``fnw`` and ``fnc`` losses are built for). ``loss`` names the
+    training objective (see :mod:`minutely.train.losses`).
+    """
 
     name: str = "ctr"
     label: Literal["click", "conversion"] = "click"
-    attribution_window_s: int = field(default=600, metadata=_range(1))
+    attribution_window_s: int = field(default=600, metadata=_range(0))
     correction_horizon_s: int = field(default=3_600, metadata=_range(0))
+    loss: LossName = "bce"
     arch: Literal["lr", "deepfm"] = "deepfm"
     embedding_dim: int = field(default=16, metadata=_range(1, 1024))
     buckets: int = field(default=1 << 15, metadata=_range(2))  # hashed rows per sparse feature
@@ -197,14 +209,48 @@ class DemoConfig:
 
 def _default_models() -> tuple[ModelConfig, ...]:
     return (
-        ModelConfig(),
+        ModelConfig(loss="pu"),
         ModelConfig(
             name="cvr",
             label="conversion",
             attribution_window_s=3_600,
             correction_horizon_s=7 * 86_400,
+            loss="pu",
         ),
     )
+
+
+def check_model(m: ModelConfig) -> None:
+    """The rules that tie one model's fields together; raises :class:`ConfigError`.
+
+    Field ranges are checked when the configuration is loaded; this is also called by whatever
+    takes a :class:`ModelConfig` built in code (the join), so both paths apply the same rules.
+
+    >>> check_model(ModelConfig(name="ctr", loss="fnw"))
+    Traceback (most recent call last):
+    ...
+    minutely.errors.ConfigError: config field 'models.ctr.attribution_window_s': expected 0 \
+(loss 'fnw' trains on samples emitted at once), got 600 (int)
+    """
+    where = f"models.{m.name}"
+    if m.attribution_window_s < 0:
+        raise ConfigError(f"{where}.attribution_window_s", "int >= 0", m.attribution_window_s)
+    if m.correction_horizon_s < 0:
+        raise ConfigError(f"{where}.correction_horizon_s", "int >= 0", m.correction_horizon_s)
+    if m.loss in ("fnw", "fnc"):
+        if m.attribution_window_s != 0:
+            raise ConfigError(
+                f"{where}.attribution_window_s",
+                f"0 (loss {m.loss!r} trains on samples emitted at once)",
+                m.attribution_window_s,
+            )
+        if m.correction_horizon_s == 0:
+            raise ConfigError(
+                f"{where}.correction_horizon_s",
+                f"int >= 1 (loss {m.loss!r} learns its positives from the duplicates sent "
+                "within the horizon)",
+                m.correction_horizon_s,
+            )
 
 
 @dataclass(frozen=True)
@@ -254,6 +300,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise ConfigError("models", "unique model names", names)
+    for m in cfg.models:
+        check_model(m)
     if cfg.demo.model not in names:
         raise ConfigError("demo.model", f"one of {names}", cfg.demo.model)
     return cfg

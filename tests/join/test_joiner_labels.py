@@ -434,9 +434,9 @@ def test_process_refuses_a_non_event() -> None:
             r"'models.x.label': expected one of \['click', 'conversion'\], got 'view'",
         ),
         (
-            (ModelConfig(name="x", attribution_window_s=0),),
+            (ModelConfig(name="x", attribution_window_s=-1),),
             JoinConfig(),
-            r"'models.x.attribution_window_s': expected int >= 1, got 0",
+            r"'models.x.attribution_window_s': expected int >= 0, got -1",
         ),
         (
             (ModelConfig(name="x", correction_horizon_s=-1),),

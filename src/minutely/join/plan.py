@@ -3,7 +3,7 @@
 A :class:`JoinPlan` is derived once from the configuration and never changes while the joiner
 runs; a snapshot records it so a restore into a differently configured joiner fails loudly.
 
->>> from minutely.config import JoinConfig, ModelConfig
+>>> from minutely.config import JoinConfig, ModelConfig, check_model
 >>> plan = JoinPlan.build([ModelConfig(name="ctr", attribution_window_s=600)], JoinConfig())
 >>> plan.lateness_ms, plan.impression_retention_ms
 (30000, 4200000)
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from minutely.config import JoinConfig, ModelConfig
+from minutely.config import JoinConfig, ModelConfig, check_model
 from minutely.errors import ConfigError
 
 
@@ -59,14 +59,7 @@ class JoinPlan:
         clicks: list[ModelWindow] = []
         convs: list[ModelWindow] = []
         for m in models:
-            if m.attribution_window_s < 1:
-                raise ConfigError(
-                    f"models.{m.name}.attribution_window_s", "int >= 1", m.attribution_window_s
-                )
-            if m.correction_horizon_s < 0:
-                raise ConfigError(
-                    f"models.{m.name}.correction_horizon_s", "int >= 0", m.correction_horizon_s
-                )
+            check_model(m)
             w = ModelWindow(
                 m.name, m.label, m.attribution_window_s * 1000, m.correction_horizon_s * 1000
             )
