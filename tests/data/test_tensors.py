@@ -38,7 +38,14 @@ def _assert_same_features(a: TensorBatch, b: TensorBatch) -> None:
 
 def _assert_same_batch(a: TensorBatch, b: TensorBatch) -> None:
     _assert_same_features(a, b)
-    for field in ("labels", "is_correction", "sample_ids", "event_ts_ms", "emit_ts_ms"):
+    for field in (
+        "labels",
+        "is_correction",
+        "sample_ids",
+        "event_ts_ms",
+        "emit_ts_ms",
+        "label_ts_ms",
+    ):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
@@ -82,6 +89,10 @@ def test_record_batch_to_tensors_layout_and_values(schema: Schema, samples: list
     assert tb.sample_ids.tolist() == [s.sample_id for s in samples]
     assert tb.event_ts_ms.tolist() == [s.event_ts_ms for s in samples]
     assert tb.emit_ts_ms.tolist() == [s.emit_ts_ms for s in samples]
+    assert tb.label_ts_ms.dtype == torch.int64
+    assert tb.label_ts_ms.tolist() == [s.label_ts_ms for s in samples]
+    assert -1 in tb.label_ts_ms.tolist()  # the fixture holds negatives and positives
+    assert any(t > 0 for t in tb.label_ts_ms.tolist())
 
 
 def test_dense_transform_is_signed_log1p(schema: Schema) -> None:
@@ -113,7 +124,8 @@ def test_tensors_own_their_memory(schema: Schema, samples: list[Sample]) -> None
     rb = decode_batch(data, schema)
     tb = record_batch_to_tensors(rb, schema, BUCKETS)
     before = bytes(data)
-    for t in (tb.sample_ids, tb.event_ts_ms, tb.labels, tb.dense, tb.sparse["ad_id"].values):
+    ad_ids = tb.sparse["ad_id"].values
+    for t in (tb.sample_ids, tb.event_ts_ms, tb.label_ts_ms, tb.labels, tb.dense, ad_ids):
         t.zero_()
     tb.is_correction.fill_(True)
     assert data == before
@@ -189,6 +201,7 @@ def test_train_and_serve_give_identical_tensors(make_samples: MakeSamples, schem
     assert served.labels.tolist() == [0.0] * 300
     assert served.sample_ids.tolist() == [-1] * 300
     assert served.event_ts_ms.tolist() == served.emit_ts_ms.tolist() == [0] * 300
+    assert served.label_ts_ms.tolist() == [-1] * 300
     assert not served.is_correction.any()
 
 
@@ -314,6 +327,7 @@ def test_concat_rebases_offsets_that_do_not_start_at_zero(schema: Schema) -> Non
         sample_ids=one.sample_ids,
         event_ts_ms=one.event_ts_ms,
         emit_ts_ms=one.emit_ts_ms,
+        label_ts_ms=one.label_ts_ms,
     )
     both = concat_tensor_batches([shifted, one])
     assert both.sparse["user_interests"].offsets.tolist() == [0, 3, 6]
@@ -339,6 +353,7 @@ def test_concat_refuses_batches_of_different_features(schema: Schema) -> None:
         sample_ids=one.sample_ids,
         event_ts_ms=one.event_ts_ms,
         emit_ts_ms=one.emit_ts_ms,
+        label_ts_ms=one.label_ts_ms,
     )
     with pytest.raises(SchemaError, match="batch 2 has 5 dense features, expected 3"):
         concat_tensor_batches([one, one, wide])

@@ -61,6 +61,7 @@ def hand_batch() -> TensorBatch:
         sample_ids=torch.arange(3),
         event_ts_ms=torch.zeros(3, dtype=torch.long),
         emit_ts_ms=torch.zeros(3, dtype=torch.long),
+        label_ts_ms=torch.tensor([-1, 0, -1]),
     )
 
 

@@ -64,6 +64,7 @@ class TensorBatch:
     sample_ids: torch.Tensor  # int64 [batch]
     event_ts_ms: torch.Tensor  # int64 [batch]
     emit_ts_ms: torch.Tensor  # int64 [batch]
+    label_ts_ms: torch.Tensor  # int64 [batch]; time of the positive event, -1 for a negative
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -92,8 +93,8 @@ def record_batch_to_tensors(rb: pa.RecordBatch, schema: Schema, buckets: int) ->
     >>> feats = {f.name: ([3, 4] if f.kind == "multi_sparse" else 1) for f in schema.features}
     >>> rb = samples_to_record_batch([Sample(9, 0, 0, 1, False, 5, feats)], schema)
     >>> tb = record_batch_to_tensors(rb, schema, buckets=1000)
-    >>> tb.labels.tolist(), tb.sample_ids.tolist(), tb.sparse["user_interests"].offsets.tolist()
-    ([1.0], [9], [0, 2])
+    >>> tb.labels.tolist(), tb.label_ts_ms.tolist(), tb.sparse["user_interests"].offsets.tolist()
+    ([1.0], [5], [0, 2])
     """
     check_record_batch(rb, schema)
     n = rb.num_rows
@@ -130,6 +131,7 @@ def record_batch_to_tensors(rb: pa.RecordBatch, schema: Schema, buckets: int) ->
         sample_ids=rb.column("sample_id").to_numpy(zero_copy_only=False, writable=True),
         event_ts_ms=rb.column("event_ts_ms").to_numpy(zero_copy_only=False, writable=True),
         emit_ts_ms=rb.column("emit_ts_ms").to_numpy(zero_copy_only=False, writable=True),
+        label_ts_ms=rb.column("label_ts_ms").to_numpy(zero_copy_only=False, writable=True),
     )
 
 
@@ -149,7 +151,8 @@ def instances_to_tensors(
     """Turn serving request instances (feature dicts) into tensors, exactly as training does.
 
     Each instance maps every feature of ``schema`` to an int id (``sparse``), a list of int ids
-    (``multi_sparse``) or a finite number (``dense``). Labels are 0, sample ids -1, timestamps 0.
+    (``multi_sparse``) or a finite number (``dense``). Labels are 0, sample ids -1, event and emit
+    times 0, label times -1 (the value of a negative).
     Raises :class:`~minutely.errors.SchemaError` naming the instance index and the feature for a
     missing, unknown or mistyped feature.
 
@@ -202,6 +205,7 @@ def instances_to_tensors(
         sample_ids=np.full(n, -1, np.int64),
         event_ts_ms=np.zeros(n, np.int64),
         emit_ts_ms=np.zeros(n, np.int64),
+        label_ts_ms=np.full(n, -1, np.int64),
     )
 
 
@@ -215,6 +219,7 @@ def _assemble(
     sample_ids: Int64Array,
     event_ts_ms: Int64Array,
     emit_ts_ms: Int64Array,
+    label_ts_ms: Int64Array,
 ) -> TensorBatch:
     """The one place ids are hashed and dense values transformed, for training and serving."""
     n = len(labels)
@@ -235,6 +240,7 @@ def _assemble(
         sample_ids=torch.from_numpy(sample_ids),
         event_ts_ms=torch.from_numpy(event_ts_ms),
         emit_ts_ms=torch.from_numpy(emit_ts_ms),
+        label_ts_ms=torch.from_numpy(label_ts_ms),
     )
 
 
@@ -288,4 +294,5 @@ def concat_tensor_batches(batches: Sequence[TensorBatch]) -> TensorBatch:
         sample_ids=torch.cat([b.sample_ids for b in batches]),
         event_ts_ms=torch.cat([b.event_ts_ms for b in batches]),
         emit_ts_ms=torch.cat([b.emit_ts_ms for b in batches]),
+        label_ts_ms=torch.cat([b.label_ts_ms for b in batches]),
     )

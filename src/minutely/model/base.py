@@ -91,6 +91,34 @@ def optional_linear(n_in: int, n_out: int, *, bias: bool, zero: bool = False) ->
     return layer
 
 
+def fnc_calibrate(biased: Tensor) -> Tensor:
+    """Fake negative calibration: ``p = b / (1 - b)``, clipped to ``[0, 1]``.
+
+    ``b`` is a probability learned by plain BCE from the stream in which every sample first goes
+    out as a negative and, when its action comes, once more as a positive: a sample with true
+    rate ``p`` is positive in ``p / (1 + p)`` of its rows, and ``b / (1 - b)`` inverts that.
+    ``b > 1/2`` stands for a rate above 1, which no true rate reaches, and is clipped to 1 (as is
+    ``b = 1``); the result is always a valid probability (``nan`` stays ``nan``).
+
+    >>> fnc_calibrate(torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0])).tolist()
+    [0.0, 0.25, 1.0, 1.0, 1.0]
+    """
+    return (biased / (1.0 - biased)).clamp(0.0, 1.0)
+
+
+def fnc_probability(logits: Tensor) -> Tensor:
+    """:func:`fnc_calibrate` of ``sigmoid(logits)``, computed as ``exp(min(logits, 0))``.
+
+    With ``b = sigmoid(z)``, ``b / (1 - b) = exp(z)`` exactly, so the calibrated probability is
+    taken from the logit directly: no rounding of ``b`` near 0 or 1 enters it, and the clip at
+    1 is the clip of ``z`` at 0.
+
+    >>> fnc_probability(torch.tensor([-1e9, 0.0, 3.0])).tolist()
+    [0.0, 1.0, 1.0]
+    """
+    return torch.exp(logits.clamp(max=0.0))
+
+
 class CtrModel(nn.Module):
     """Base of every click/conversion model: a batch in, one logit per row out.
 
@@ -138,8 +166,19 @@ class CtrModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: TensorBatch) -> Tensor:
-        """Probabilities ``[B]``, computed without autograd."""
-        return torch.sigmoid(self.forward(batch))
+        """Probabilities ``[B]`` (:meth:`probabilities` of the logits), without autograd."""
+        return self.probabilities(self.forward(batch))
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """The probabilities this model stands for, from its logits, by ``cfg.loss``.
+
+        ``sigmoid(logits)`` for every loss but ``"fnc"``, whose logits are those of the biased
+        stream: for it, :func:`fnc_probability` (the calibrated ``b / (1 - b)``). Training,
+        scoring and serving all map logits through here.
+        """
+        if self.cfg.loss == "fnc":
+            return fnc_probability(logits)
+        return torch.sigmoid(logits)
 
     def check_batch(self, batch: TensorBatch) -> None:
         """Raise :class:`SchemaError` if ``batch`` lacks a feature or has the wrong dense width."""

@@ -82,4 +82,5 @@ def synthetic_batch(
         sample_ids=seed * batch_size + rows,
         event_ts_ms=ts,
         emit_ts_ms=ts.clone(),
+        label_ts_ms=torch.where(labels == 1, ts, -1),
     )

@@ -7,7 +7,18 @@ from minutely.train.checkpoint import (
     load_latest_checkpoint,
     save_checkpoint,
 )
-from minutely.train.losses import BCELoss, Loss, bce_loss, loss_names, make_loss, register_loss
+from minutely.train.losses import (
+    BCELoss,
+    FNCLoss,
+    FNWLoss,
+    Loss,
+    PULoss,
+    bce_loss,
+    loss_names,
+    make_loss,
+    model_loss,
+    register_loss,
+)
 from minutely.train.optim import RowSparseAdam
 from minutely.train.trainer import DENSE, SPARSE, Trainer, TrainerState
 
@@ -15,7 +26,10 @@ __all__ = [
     "DENSE",
     "SPARSE",
     "BCELoss",
+    "FNCLoss",
+    "FNWLoss",
     "Loss",
+    "PULoss",
     "RowSparseAdam",
     "Trainer",
     "TrainerState",
@@ -26,6 +40,7 @@ __all__ = [
     "load_latest_checkpoint",
     "loss_names",
     "make_loss",
+    "model_loss",
     "register_loss",
     "save_checkpoint",
 ]

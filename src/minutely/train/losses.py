@@ -1,9 +1,26 @@
-"""Training losses, by name.
+"""Training losses for a stream with delayed feedback, by name.
 
 A :class:`Loss` maps the logits of a batch and the batch itself to a scalar: the batch carries
 what any loss needs (labels, ``is_correction`` flags for delayed-feedback corrections), and a loss
 that needs more (a teacher model for distillation) holds it as its own state. Losses are built
-by name through :func:`make_loss`; only ``"bce"`` exists so far.
+by name through :func:`make_loss`, or from a model's config through :func:`model_loss`. One
+exists for every value of :attr:`~minutely.config.ModelConfig.loss`:
+
+========  ==================================================================================
+``bce``   binary cross-entropy on the labels as given (:class:`BCELoss`)
+``pu``    positive-unlabeled: a correction also cancels its earlier negative (:class:`PULoss`)
+``fnw``   fake negative weighting (:class:`FNWLoss`)
+``fnc``   fake negative calibration: BCE, served through a calibration (:class:`FNCLoss`)
+========  ==================================================================================
+
+``pu``, ``fnw`` and ``fnc`` are those of Ktena et al. (2019), "Addressing delayed feedback for
+continuous training with neural networks in CTR prediction" (RecSys). ``pu`` suits any
+attribution window; ``fnw`` and ``fnc`` assume attribution window 0, where every sample goes out
+at once as a negative and, when its action comes, once more as a positive.
+
+Every loss is written in terms of ``log sigmoid`` of the logits, so it is finite for any finite
+logit. ``p = sigmoid(z)`` below is a row's probability, ``z`` its logit and ``B`` the batch's
+row count.
 
 >>> import torch
 >>> round(float(bce_loss(torch.zeros(4), torch.tensor([0.0, 1.0, 1.0, 0.0]))), 4)
@@ -15,9 +32,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from minutely.config import ModelConfig
 from minutely.data.tensors import TensorBatch
 from minutely.errors import ConfigError
 
@@ -47,20 +66,128 @@ def bce_loss(logits: Tensor, labels: Tensor, weights: Tensor | None = None) -> T
     return (per_row * w).sum() / w.sum()
 
 
+def _check_logits(loss: str, logits: Tensor, batch: TensorBatch) -> None:
+    """Raise ``ValueError`` unless ``logits`` holds one value per row of ``batch``."""
+    if logits.shape != batch.labels.shape:
+        raise ValueError(
+            f"{loss} loss: expected logits of shape {list(batch.labels.shape)} (one per row), "
+            f"got {list(logits.shape)}"
+        )
+
+
 class BCELoss:
-    """:func:`bce_loss` on the batch's labels.
+    """:func:`bce_loss` on the batch's labels: ``mean(-y log p - (1 - y) log(1 - p))``.
 
     A correction (``batch.is_correction``) is a positive that arrived after its sample had been
     trained on as a negative; here it is trained on as an ordinary positive. The earlier
-    negative is not undone, which biases the model low by the fraction of late positives; a
-    positive-unlabeled loss is what removes that bias.
+    negative is not undone, which biases the model low by the fraction of late positives;
+    :class:`PULoss` is what removes that bias.
     """
 
     def __call__(self, logits: Tensor, batch: TensorBatch) -> Tensor:
+        _check_logits("bce", logits, batch)
         return bce_loss(logits, batch.labels)
 
 
-_LOSSES: dict[str, Callable[..., Loss]] = {"bce": BCELoss}
+class PULoss:
+    """Positive-unlabeled loss: a correction is a positive and undoes its earlier negative.
+
+    Per row::
+
+        negative (label 0)                  -log(1 - p)
+        positive (label 1, no correction)   -log p
+        correction                          -log p + log(1 - p)  =  -z
+
+    and the loss is the sum over the rows divided by ``B`` (every row counts, corrections
+    included), so a batch of negatives and positives only is plain BCE.
+
+    The gradient of a correction row is ``-(1 - p) - p = -1``: its ``-(1 - p)`` trains the
+    positive, its ``-p`` cancels the ``+p`` the sample's earlier negative row contributed. A
+    negative row plus its correction at the same logit therefore give the gradient of one
+    positive row, and a stream whose late positives arrive as corrections trains, in
+    expectation, as the stream of true labels would.
+
+    A correction's term is computed as the exact ``-z``. It is finite for any finite logit but
+    unbounded below as ``p -> 1``, so a batch's loss can be negative; it is not clamped, since a
+    clamp would drop the cancelling ``-p`` exactly where the earlier negative pushed hardest, and
+    its gradient is bounded (constant ``-1``), so a step stays bounded.
+
+    Raises ``ValueError`` for a correction row whose label is not 1.
+    """
+
+    def __call__(self, logits: Tensor, batch: TensorBatch) -> Tensor:
+        _check_logits("pu", logits, batch)
+        labels = batch.labels
+        corrections = batch.is_correction
+        bad = torch.nonzero(corrections & (labels != 1)).flatten()
+        if bad.numel():
+            row = int(bad[0])
+            raise ValueError(
+                f"pu loss: expected label 1 on every correction row, got {float(labels[row])} "
+                f"at row {row}"
+            )
+        positive = labels == 1
+        per_row = torch.where(
+            corrections,
+            -logits,
+            torch.where(positive, -F.logsigmoid(logits), -F.logsigmoid(-logits)),
+        )
+        return per_row.sum() / len(batch)
+
+
+class FNWLoss:
+    """Fake negative weighting: importance-weighted BCE for the emit-at-once stream.
+
+    With ``p = sigmoid(z)`` and the weights held constant (no gradient flows through them)::
+
+        positive (label 1, duplicates included)   -(1 + p) log p
+        negative (label 0)                        -(1 - p)(1 + p) log(1 - p)
+
+    averaged over the ``B`` rows. On the stream where every sample goes out as a negative and a
+    positive once more as a duplicate, a sample of true rate ``q`` brings ``1`` negative row and
+    ``q`` positive rows in expectation; their summed gradient ``(1 - p^2)(p - q)`` vanishes at
+    ``p = q``, so the model learns the true rate, not the biased ``q / (1 + q)`` of plain BCE.
+    ``1 - p`` is computed as ``sigmoid(-z)``, so the weights keep their precision as ``p -> 1``.
+    """
+
+    def __call__(self, logits: Tensor, batch: TensorBatch) -> Tensor:
+        _check_logits("fnw", logits, batch)
+        z = logits.detach()
+        p = torch.sigmoid(z)
+        positive_weight = 1.0 + p
+        negative_weight = torch.sigmoid(-z) * (1.0 + p)
+        per_row = torch.where(
+            batch.labels == 1,
+            -positive_weight * F.logsigmoid(logits),
+            -negative_weight * F.logsigmoid(-logits),
+        )
+        return per_row.mean()
+
+
+class FNCLoss:
+    """Fake negative calibration: plain BCE on the biased stream, calibrated when served.
+
+    Trains ``mean(-y log b - (1 - y) log(1 - b))`` with ``b = sigmoid(z)``, labels as given, on
+    the stream where every sample goes out as a negative and a positive once more as a
+    duplicate. There a sample of true rate ``p`` is positive in ``p / (1 + p)`` of its rows, so
+    ``b`` learns ``p / (1 + p)``, and the model's probability is ``p = b / (1 - b)``, clipped to
+    ``[0, 1]`` (:func:`~minutely.model.base.fnc_calibrate`). A model whose config says
+    ``loss = "fnc"`` applies that calibration in
+    :meth:`~minutely.model.base.CtrModel.probabilities`, which predictions, test-then-train
+    scores and serving all go through.
+    """
+
+    def __call__(self, logits: Tensor, batch: TensorBatch) -> Tensor:
+        _check_logits("fnc", logits, batch)
+        return bce_loss(logits, batch.labels)
+
+
+_LOSSES: dict[str, Callable[..., Loss]] = {
+    "bce": BCELoss,
+    "pu": PULoss,
+    "fnw": FNWLoss,
+    "fnc": FNCLoss,
+}
 
 
 def loss_names() -> list[str]:
@@ -78,11 +205,25 @@ def register_loss(name: str, factory: Callable[..., Loss]) -> None:
 def make_loss(name: str, **kwargs: Any) -> Loss:
     """The loss registered as ``name``, built with ``kwargs``.
 
+    Raises :class:`~minutely.errors.ConfigError` (field ``loss``) for an unknown name.
+
     >>> make_loss("bce")  # doctest: +ELLIPSIS
     <minutely.train.losses.BCELoss object at ...>
     """
     try:
         factory = _LOSSES[name]
     except KeyError:
-        raise ConfigError("train.loss", f"one of {loss_names()}", name) from None
+        raise ConfigError("loss", f"one of {loss_names()}", name) from None
     return factory(**kwargs)
+
+
+def model_loss(cfg: ModelConfig) -> Loss:
+    """The loss ``cfg.loss`` names; :class:`ConfigError` naming ``models.<name>.loss`` if unknown.
+
+    >>> model_loss(ModelConfig(loss="pu"))  # doctest: +ELLIPSIS
+    <minutely.train.losses.PULoss object at ...>
+    """
+    name: str = cfg.loss
+    if name not in _LOSSES:
+        raise ConfigError(f"models.{cfg.name}.loss", f"one of {loss_names()}", name)
+    return make_loss(name)

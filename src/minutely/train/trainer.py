@@ -38,7 +38,7 @@ from minutely.config import TrainConfig
 from minutely.data.tensors import TensorBatch
 from minutely.errors import CheckpointError, ConfigError
 from minutely.model.base import CtrModel
-from minutely.train.losses import BCELoss, Loss
+from minutely.train.losses import Loss, model_loss
 from minutely.train.optim import RowSparseAdam
 
 logger = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ class TrainerState:
 class Trainer:
     """Trains ``model`` in place, one micro-batch per call.
 
-    Corrections (``batch.is_correction``) are trained on as the loss sees them; with the default
-    :class:`~minutely.train.losses.BCELoss` that is as ordinary positives.
+    The loss is ``loss`` when given, else the one the model's config names
+    (:func:`~minutely.train.losses.model_loss` of ``model.cfg``), so every caller trains the
+    configured objective. Corrections (``batch.is_correction``) are trained on as that loss sees
+    them. Predictions are the model's :meth:`~minutely.model.CtrModel.probabilities` of its
+    logits (calibrated for ``loss = "fnc"``).
 
     A batch whose loss is not finite (a NaN feature, say) updates nothing: it is counted in
     ``skipped_batches`` and logged, so one bad batch cannot poison the model.
@@ -72,7 +75,7 @@ class Trainer:
     def __init__(self, model: CtrModel, cfg: TrainConfig, loss: Loss | None = None) -> None:
         self.model = model
         self.cfg = cfg
-        self.loss: Loss = loss if loss is not None else BCELoss()
+        self.loss: Loss = loss if loss is not None else model_loss(model.cfg)
         self._lrs = {SPARSE: cfg.embedding_lr, DENSE: cfg.lr}
         self._optimizers: dict[str, torch.optim.Optimizer] = {}
         tables = [p for _, p in model.embedding_parameters()]
@@ -106,7 +109,7 @@ class Trainer:
         return dict(self._optimizers)
 
     def predict(self, batch: TensorBatch) -> np.ndarray:
-        """Probabilities ``[B]`` (float32) from the current weights; no update."""
+        """Probabilities ``[B]`` (float32, the model's ``predict``); no update."""
         return self.model.predict(batch).numpy()
 
     def train_step(self, batch: TensorBatch) -> float:
@@ -128,7 +131,7 @@ class Trainer:
         logits = self.model(batch)
         loss: Tensor = self.loss(logits, batch)
         value = float(loss.detach())
-        preds = torch.sigmoid(logits.detach()).numpy()
+        preds = self.model.probabilities(logits.detach()).numpy()
         s = self._state
         if not math.isfinite(value):
             self._state = TrainerState(s.steps, s.samples_seen, s.skipped_batches + 1)
