@@ -207,6 +207,77 @@ class DemoConfig:
     corrupt_every: int = field(default=20_000, metadata=_range(0))  # 0: a clean stream
 
 
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Feature snapshots in two Delta Lake tables (see :mod:`minutely.features`).
+
+    ``snapshots`` says whether producers write the features of each request to the tables.
+    ``replicas`` names the primary and the secondary table: a plain path is a local folder (a
+    relative one is taken inside the run folder), a URL (``s3://``, ``gs://``, ``az://``, ...) is
+    passed to delta-rs with ``storage_options``, laid over by the replica's own table in
+    ``replica_storage_options`` when that array is given (one table per replica). A read that has
+    not answered after ``read_timeout_s`` (a write after ``write_timeout_s``) counts as a failure
+    of its replica; while reading from the secondary, the primary is checked every
+    ``failback_check_s``, and a writer tries a replica that failed again at most that often; a
+    request id still absent ``missing_wait_s`` after it was first asked
+    for is reported missing. A reader keeps ``cache_buckets`` hourly buckets in memory; a
+    writer keeps at most ``max_backlog_rows`` rows for a replica that is down before it refuses
+    to write more.
+    """
+
+    snapshots: bool = False
+    replicas: tuple[str, ...] = ("features/primary", "features/secondary")
+    storage_options: Mapping[str, str] = field(default_factory=FrozenMap)
+    replica_storage_options: tuple[Mapping[str, str], ...] = ()
+    read_timeout_s: float = field(default=5.0, metadata=_range(0.001))
+    write_timeout_s: float = field(default=30.0, metadata=_range(0.001))
+    failback_check_s: float = field(default=30.0, metadata=_range(0.001))
+    missing_wait_s: float = field(default=300.0, metadata=_range(0.0))
+    cache_buckets: int = field(default=4, metadata=_range(1, 1024))
+    max_backlog_rows: int = field(default=1_000_000, metadata=_range(1))
+
+    def __post_init__(self) -> None:
+        # Checked here rather than only at load, so a config built in code is held to the same
+        # rules (the loader has already refused bad ranges with the same words).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            lo, hi = f.metadata.get("min"), f.metadata.get("max")
+            tname = type(f.default).__name__
+            if lo is not None and not value >= lo:
+                raise ConfigError(f"features.{f.name}", f"{tname} >= {lo}", value)
+            if hi is not None and not value <= hi:
+                raise ConfigError(f"features.{f.name}", f"{tname} <= {hi}", value)
+        replicas = self.replicas
+        if not isinstance(replicas, tuple) or len(replicas) != 2:
+            raise ConfigError(
+                "features.replicas", "2 table URLs or paths (a primary and a secondary)", replicas
+            )
+        for i, url in enumerate(replicas):
+            if not isinstance(url, str) or not url.strip():
+                raise ConfigError(f"features.replicas[{i}]", "a non-empty table URL or path", url)
+        if replicas[0] == replicas[1]:
+            raise ConfigError("features.replicas", "2 different tables", replicas)
+        if not isinstance(self.storage_options, FrozenMap):
+            object.__setattr__(self, "storage_options", FrozenMap(self.storage_options))
+        per_replica = tuple(
+            m if isinstance(m, FrozenMap) else FrozenMap(m) for m in self.replica_storage_options
+        )
+        if len(per_replica) not in (0, 2):
+            raise ConfigError(
+                "features.replica_storage_options",
+                "an empty array or one table of options per replica (2)",
+                self.replica_storage_options,
+            )
+        object.__setattr__(self, "replica_storage_options", per_replica)
+
+    def options_for(self, index: int) -> dict[str, str]:
+        """The storage options of replica ``index`` (0 primary, 1 secondary)."""
+        merged = dict(self.storage_options)
+        if self.replica_storage_options:
+            merged.update(self.replica_storage_options[index])
+        return merged
+
+
 def _default_models() -> tuple[ModelConfig, ...]:
     return (
         ModelConfig(loss="pu"),
@@ -264,6 +335,7 @@ class Config:
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
     demo: DemoConfig = DemoConfig()
+    features: FeaturesConfig = FeaturesConfig()
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
