@@ -2,8 +2,10 @@
 
 Times, for a fresh market each repeat: building the market (world and calibration), generating
 each day (``Market.simulate_day``), and turning a whole day of events into ``events()`` structs
-and into ``messages()`` (the log's wire bytes). Also reports the conversion-delay shape the
-``criteo`` preset produced. Medians over ``--repeats`` runs; the last line is one JSON object.
+and into ``messages()`` (the log's wire bytes), inline and by reference (``by_reference=True``,
+with the ratio of the two in the same run), and taking the day's ``snapshots()`` columns. Also
+reports the conversion-delay shape the ``criteo`` preset produced. Medians over ``--repeats``
+runs; the last line is one JSON object.
 
     python benchmarks/sim.py --quick
     python benchmarks/sim.py --days 2 --impressions-per-day 1000000
@@ -63,6 +65,14 @@ def run_once(cfg: SimConfig, days: int) -> dict[str, float]:
     n_bytes = sum(len(v) for _, v, _ in messages)
     del messages
     gc.collect()
+    t0 = time.perf_counter()
+    by_reference = batch.messages(by_reference=True)
+    by_reference_s = time.perf_counter() - t0
+    del by_reference
+    gc.collect()
+    t0 = time.perf_counter()
+    batch.snapshots()
+    snapshots_s = time.perf_counter() - t0
 
     delays = conversion_delays(traffic)
     return {
@@ -71,6 +81,8 @@ def run_once(cfg: SimConfig, days: int) -> dict[str, float]:
         "slice_s": slice_s,
         "events_s": events_s,
         "messages_s": messages_s,
+        "by_reference_s": by_reference_s,
+        "snapshots_s": snapshots_s,
         "events": float(n_events),
         "impressions": float(batch.count(0)),
         "clicks": float(sum(int(t.clicked.sum()) for t in traffic)) / days,
@@ -114,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         "events_between_s_median": round(med("slice_s"), 3),
         "events_s_median": round(med("events_s"), 3),
         "messages_s_median": round(med("messages_s"), 3),
+        "messages_by_reference_s_median": round(med("by_reference_s"), 3),
+        "snapshots_s_median": round(med("snapshots_s"), 3),
+        "by_reference_over_inline": round(
+            statistics.median(r["by_reference_s"] / r["messages_s"] for r in runs), 3
+        ),
         "events_per_s": round(events / med("simulate_s")),
         "structs_per_s": round(events / med("events_s")),
         "encode_events_per_s": round(events / med("messages_s")),

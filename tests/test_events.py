@@ -14,6 +14,8 @@ from minutely.events import (
     FUTURE_EVENT,
     INVALID_EVENT,
     INVALID_IMPRESSION,
+    INVALID_SNAPSHOT,
+    MISSING_SNAPSHOT,
     OVERSIZE_EVENT,
     REASONS,
     STALE_EVENT,
@@ -354,3 +356,132 @@ def test_parse_refuses_what_check_refuses_with_the_same_reason(
         with pytest.raises(EventError) as info:
             v.parse(raw, NOW)
         assert str(info.value) == expected
+
+
+# --- impressions by reference -------------------------------------------------------------------
+
+
+def test_an_impression_by_reference_round_trips() -> None:
+    ref = Impression(7, NOW, {}, request_id=70)
+    wire = encode_event(ref)
+    assert wire == (
+        b'{"type":"impression","imp_id":7,"ts_ms":10000000,"features":{},"request_id":70}'
+    )
+    assert decode_event(wire) == ref
+    assert ref.by_reference
+    both = Impression(7, NOW, features(), request_id=70)  # inline features and a request id
+    assert decode_event(encode_event(both)) == both
+    assert not both.by_reference
+    assert not Impression(7, NOW, {}).by_reference
+
+
+def test_an_impression_without_request_id_keeps_its_wire_format() -> None:
+    imp = Impression(7, NOW, {"ad_id": 2, "ad_ctr_1h": 0.5})
+    assert imp.request_id is None
+    assert encode_event(imp) == (
+        b'{"type":"impression","imp_id":7,"ts_ms":10000000,"features":{"ad_id":2,"ad_ctr_1h":0.5}}'
+    )
+    assert decode_event(b'{"type":"impression","imp_id":7,"ts_ms":1,"features":{}}') == (
+        Impression(7, 1, {})
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            b'{"type":"impression","imp_id":1,"ts_ms":2,"features":{},"request_id":-1}',
+            r"^invalid event: Expected `int` >= 0 - at `\$\.request_id`$",
+        ),
+        (
+            b'{"type":"impression","imp_id":1,"ts_ms":2,"features":{},"request_id":"5"}',
+            r"^invalid event: Expected `int \| null`, got `str` - at `\$\.request_id`$",
+        ),
+        (
+            b'{"type":"click","imp_id":1,"ts_ms":2,"request_id":5}',
+            r"^invalid event: Object contains unknown field `request_id`",
+        ),
+    ],
+)
+def test_bad_request_ids_are_refused_at_decoding(raw: bytes, message: str) -> None:
+    with pytest.raises(EventError, match=message):
+        decode_event(raw)
+    with pytest.raises(EventError, match=message):
+        validator().parse(raw, 2)
+
+
+def test_the_validator_accepts_an_impression_by_reference() -> None:
+    v = validator()
+    ref = Impression(7, NOW, {}, 70)
+    assert v.parse(encode_event(ref), NOW) == ref
+    v.check(ref, NOW)
+    # Its time is checked as any event's.
+    with pytest.raises(EventError, match=r"^future event: ts_ms 10005000 is 5000 ms in the future"):
+        v.parse(encode_event(Impression(7, NOW + 5_000, {}, 70)), NOW)
+    with pytest.raises(EventError, match=r"^stale event: ts_ms 9995000 is 5000 ms in the past"):
+        v.check(Impression(7, NOW - 5_000, {}, 70), NOW)
+
+
+def test_empty_features_without_a_request_id_are_refused_as_before() -> None:
+    names = r"\['user_id', 'ad_id', 'campaign_id', 'advertiser_id', 'category'\] and 7 more"
+    message = rf"^invalid impression: missing features {names} \(imp_id 7\)$"
+    with pytest.raises(EventError, match=message):
+        validator().check(Impression(7, NOW, {}), NOW)
+    with pytest.raises(EventError, match=message):
+        validator().parse(encode_event(Impression(7, NOW, {})), NOW)
+
+
+def test_inline_features_with_a_request_id_are_checked() -> None:
+    bad = Impression(7, NOW, {**features(), "ad_id": 2.5}, 70)
+    message = r"^invalid impression: feature 'ad_id' expected an int64 id, got 2\.5 \(imp_id 7\)$"
+    with pytest.raises(EventError, match=message):
+        validator().check(bad, NOW)
+    with pytest.raises(EventError, match=message):
+        validator().parse(encode_event(bad), NOW)
+    good = Impression(7, NOW, features(), 70)
+    assert validator().parse(encode_event(good), NOW) == good
+
+
+def test_a_request_id_beyond_int64_is_refused_when_built_in_python() -> None:
+    with pytest.raises(
+        EventError,
+        match=r"^invalid event: request_id expected in \[0, 2\*\*63\), got -1 \(imp_id 7\)$",
+    ):
+        validator().check(Impression(7, NOW, {}, -1), NOW)
+    with pytest.raises(EventError, match=r"got 9223372036854775808 \(imp_id 7\)$"):
+        validator().check(Impression(7, NOW, {}, 2**63), NOW)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"ad_id": 2.5},
+        {"user_interests": [1, 2, 3]},
+        {"user_interests": [1, "x"]},
+        {"ad_ctr_1h": float("nan")},
+        {"extra": 1},
+        {"ad_id": None},
+    ],
+)
+def test_check_features_applies_the_inline_rules(changes: dict[str, object]) -> None:
+    v = validator(max_ids_per_feature=2)
+    feats = {k: val for k, val in {**features(), **changes}.items() if val is not None}
+    inline: str | None = None
+    try:
+        v.check(Impression(7, NOW, feats), NOW)  # type: ignore[arg-type]
+    except EventError as exc:
+        inline = str(exc)
+    if inline is None:
+        v.check_features(feats, 7)  # type: ignore[arg-type]
+        assert not changes
+        return
+    assert reason_group(inline) == INVALID_IMPRESSION
+    with pytest.raises(EventError) as info:
+        v.check_features(feats, 7)  # type: ignore[arg-type]
+    assert str(info.value) == inline
+
+
+def test_the_snapshot_groups_are_reasons() -> None:
+    assert {INVALID_SNAPSHOT, MISSING_SNAPSHOT} <= set(REASONS)
+    assert (INVALID_SNAPSHOT, MISSING_SNAPSHOT) == ("invalid snapshot", "missing snapshot")

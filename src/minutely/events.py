@@ -7,6 +7,13 @@ near the clock, every schema feature and no other, dense values finite float32s,
 lists), so nothing after it checks again. A message it refuses raises
 :class:`~minutely.errors.EventError`; the join stage sends it to the dead-letter topic and goes on.
 
+An impression carries its features inline, or *by reference*: a ``request_id`` and empty
+``features``, the features being a snapshot the producer wrote under that id before it published
+the impression (see :mod:`minutely.features`). The ingest check accepts a by-reference
+impression as it is; its features are checked when they are fetched
+(:class:`minutely.features.resolve.FeatureResolver`), by :meth:`EventValidator.check_features`,
+with the same rules as inline ones.
+
 Every dead-letter reason of the ingest and join path reads ``"<group>: <details>"``, with the
 group one of :data:`REASONS` (ids and values go in the details), so counts by group stay few.
 
@@ -25,7 +32,7 @@ minutely.errors.EventError: invalid event: Expected `object`, got `array`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated
 
 import msgspec
@@ -48,6 +55,8 @@ INVALID_EVENT = "invalid event"  # JSON that is not an event (types, fields, ids
 INVALID_IMPRESSION = "invalid impression"  # features that do not fit the schema or bounds
 FUTURE_EVENT = "future event"  # stamped more than ingest.max_future_s ahead of the clock
 STALE_EVENT = "stale event"  # stamped more than ingest.max_past_s behind the clock
+INVALID_SNAPSHOT = "invalid snapshot"  # a by-reference impression's snapshot that does not fit
+MISSING_SNAPSHOT = "missing snapshot"  # a by-reference impression whose snapshot never appeared
 UNJOINABLE_EVENT = "unjoinable event"  # a valid event the joiner failed on
 UNENCODABLE_SAMPLE = "unencodable sample"  # a joined sample the sample codec refused
 UNDECODABLE_SAMPLES = "undecodable samples"  # a samples message the trainer could not decode
@@ -58,6 +67,8 @@ REASONS: tuple[str, ...] = (
     INVALID_IMPRESSION,
     FUTURE_EVENT,
     STALE_EVENT,
+    INVALID_SNAPSHOT,
+    MISSING_SNAPSHOT,
     UNJOINABLE_EVENT,
     UNENCODABLE_SAMPLE,
     UNDECODABLE_SAMPLES,
@@ -72,14 +83,38 @@ FeatureValue = Int64 | float | list[Int64]
 
 # gc=False: the cycle collector never tracks an impression (it holds numbers and a feature dict,
 # so it cannot be part of a cycle); the join holds an hour of them, which collections would walk.
+# omit_defaults: an impression without a request id is written exactly as before the field
+# existed.
 class Impression(
-    msgspec.Struct, tag="impression", frozen=True, forbid_unknown_fields=True, gc=False
+    msgspec.Struct,
+    tag="impression",
+    frozen=True,
+    forbid_unknown_fields=True,
+    gc=False,
+    omit_defaults=True,
 ):
-    """An ad shown to a user; ``features`` are logged by the ad server at request time."""
+    """An ad shown to a user; ``features`` are logged by the ad server at request time.
+
+    ``request_id`` names the ad request the impression answered. An impression *by reference*
+    has a ``request_id`` and empty ``features``: its features are the snapshot stored under that
+    request id (:attr:`by_reference`).
+
+    >>> imp = Impression(imp_id=7, ts_ms=1_000, features={}, request_id=7)
+    >>> encode_event(imp)
+    b'{"type":"impression","imp_id":7,"ts_ms":1000,"features":{},"request_id":7}'
+    >>> imp.by_reference
+    True
+    """
 
     imp_id: NonNegInt64
     ts_ms: NonNegInt64
     features: dict[str, FeatureValue]
+    request_id: NonNegInt64 | None = None
+
+    @property
+    def by_reference(self) -> bool:
+        """Whether the features are a snapshot to fetch: a request id and no inline features."""
+        return self.request_id is not None and not self.features
 
 
 class Click(msgspec.Struct, tag="click", frozen=True, forbid_unknown_fields=True):
@@ -185,8 +220,8 @@ class EventValidator:
         """Decode and :meth:`check` one log message; raises :class:`EventError`.
 
         The size is checked first, so an oversize message is never decoded. A decoded impression
-        whose features pass :meth:`_fits_decoded` needs only the clock checked; any other event
-        goes through :meth:`check`.
+        whose features pass :meth:`_fits_decoded`, or one by reference, needs only the clock
+        checked; any other event goes through :meth:`check`.
         """
         if len(data) > self._max_bytes:
             raise EventError(
@@ -196,7 +231,9 @@ class EventValidator:
             event: Event = _DECODER.decode(data)
         except (msgspec.DecodeError, UnicodeDecodeError):
             event = decode_event(data)  # raises the EventError that says what is wrong
-        if type(event) is Impression and self._fits_decoded(event.features):
+        if type(event) is Impression and (
+            self._fits_decoded(event.features) if event.features else event.request_id is not None
+        ):
             ts = event.ts_ms
             if ts - now_ms > self._max_future or now_ms - ts > self._max_past:
                 self._check_clock(event, now_ms)  # raises the error that says which bound
@@ -205,7 +242,11 @@ class EventValidator:
         return event
 
     def check(self, event: Event, now_ms: int) -> None:
-        """Check a decoded event against the clock and the schema; raises :class:`EventError`."""
+        """Check a decoded event against the clock and the schema; raises :class:`EventError`.
+
+        An impression by reference (a request id, no features) passes without a features check:
+        :meth:`check_features` checks its features once they are fetched.
+        """
         iid = event.imp_id
         ts = event.ts_ms
         # Decoding already bounds both; an event built in Python is held to the same rule.
@@ -214,11 +255,23 @@ class EventValidator:
                 f"{INVALID_EVENT}: imp_id expected in [0, 2**63) and ts_ms >= 0, "
                 f"got imp_id {iid} and ts_ms {ts}"
             )
+        if isinstance(event, Impression) and event.request_id is not None:
+            rid = event.request_id
+            if not 0 <= rid <= INT64_MAX:
+                raise EventError(
+                    f"{INVALID_EVENT}: request_id expected in [0, 2**63), got {rid} (imp_id {iid})"
+                )
         self._check_clock(event, now_ms)
-        if isinstance(event, Impression):
-            bad = self._first_bad(event.features)
-            if bad is not None:
-                raise EventError(self._describe(event, bad))
+        if isinstance(event, Impression) and not event.by_reference:
+            self.check_features(event.features, iid)
+
+    def check_features(self, features: Mapping[str, FeatureValue], imp_id: int) -> None:
+        """Check one impression's features against the schema and the bounds, by the rules
+        :meth:`check` applies to inline features; raises :class:`EventError` (group
+        ``invalid impression``, naming the feature and ``imp_id``)."""
+        bad = self._first_bad(features)
+        if bad is not None:
+            raise EventError(self._describe(features, imp_id, bad))
 
     def _check_clock(self, event: Event, now_ms: int) -> None:
         """Refuse an event stamped too far ahead of or behind ``now_ms``."""
@@ -248,7 +301,7 @@ class EventValidator:
             return False
         return True
 
-    def _first_bad(self, feats: dict[str, FeatureValue]) -> str | None:
+    def _first_bad(self, feats: Mapping[str, FeatureValue]) -> str | None:
         """``None`` when ``feats`` fits; else the first feature at fault, or ``""`` when the
         names differ from the schema's (a feature missing or unknown)."""
         if len(feats) != self._n:
@@ -279,10 +332,9 @@ class EventValidator:
             return ""
         return None
 
-    def _describe(self, event: Impression, bad: str) -> str:
-        """The reason an impression is refused, ``bad`` being what :meth:`_first_bad` found."""
-        feats = event.features
-        where = f"(imp_id {event.imp_id})"
+    def _describe(self, feats: Mapping[str, FeatureValue], imp_id: int, bad: str) -> str:
+        """The reason features are refused, ``bad`` being what :meth:`_first_bad` found."""
+        where = f"(imp_id {imp_id})"
         if not bad:
             missing = [n for n in self._names if n not in feats]
             unknown = [k for k in feats if k not in self._known]

@@ -189,3 +189,59 @@ def test_messages_decode_to_valid_raw_events(day1: EventBatch) -> None:
     doc = msgspec.json.decode(day1.messages()[0][1])
     assert doc["type"] == "impression"
     assert set(doc) == {"type", "imp_id", "ts_ms", "features"}
+
+
+def test_messages_by_reference_are_encoded_events_by_reference(day1: EventBatch) -> None:
+    msgs = day1.messages(by_reference=True)
+    events = day1.events(by_reference=True)
+    inline = day1.messages()
+    assert len(msgs) == len(events) == len(inline)
+    for (key, value, ts), ev, (key0, value0, ts0) in zip(msgs, events, inline, strict=True):
+        assert (key, ts) == (key0, ts0)
+        assert value == encode_event(ev)
+        if isinstance(ev, Impression):
+            assert ev.features == {}
+            assert ev.request_id == ev.imp_id
+            assert ev.by_reference
+        else:
+            assert value == value0  # clicks and conversions do not change
+    first = next(ev for ev in events if isinstance(ev, Impression))
+    assert msgspec.json.decode(encode_event(first)) == {
+        "type": "impression",
+        "imp_id": first.imp_id,
+        "ts_ms": first.ts_ms,
+        "features": {},
+        "request_id": first.imp_id,
+    }
+
+
+def test_snapshots_are_the_logged_features_of_the_impressions(day1: EventBatch) -> None:
+    ids, ts, feats = day1.snapshots()
+    imps = [e for e in day1.events() if isinstance(e, Impression)]
+    assert ids.tolist() == [e.imp_id for e in imps]
+    assert ts.tolist() == [e.ts_ms for e in imps]
+    schema = default_schema()
+    assert list(feats) == [spec.name for spec in schema.features]
+    for spec in schema.features:
+        logged = [e.features[spec.name] for e in imps]
+        col = feats[spec.name]
+        if spec.kind == "dense":
+            assert col.dtype == np.float32  # the snapshot table's type
+            np.testing.assert_array_equal(col, np.array(logged, dtype=np.float32))
+        elif spec.kind == "sparse":
+            assert col.tolist() == logged
+        else:
+            values, offsets = col
+            assert [values[a:b].tolist() for a, b in itertools.pairwise(offsets)] == logged
+
+
+def test_an_empty_batch_has_no_snapshots(market: Market) -> None:
+    start = market.cfg.start_ms
+    ids, ts, feats = market.events_between(start - DAY, start).snapshots()
+    assert len(ids) == len(ts) == 0
+    for spec in default_schema().features:
+        if spec.kind == "multi_sparse":
+            assert [part.tolist() for part in feats[spec.name]] == [[], [0]]
+        else:
+            assert len(feats[spec.name]) == 0
+    assert market.events_between(start - DAY, start).messages(by_reference=True) == []

@@ -10,17 +10,23 @@ worker threads are in :mod:`minutely.features.table`, the write contract in
 
 Configured by ``[features]`` (:class:`~minutely.config.FeaturesConfig`); both classes have a
 ``from_config`` that resolves relative replica paths inside the run folder.
+
+:class:`FeatureResolver` (:mod:`minutely.features.resolve`) puts the features of by-reference
+impressions back, batch by batch, for the join.
 """
 
 from minutely.features.reader import Lookup, SnapshotReader
+from minutely.features.resolve import FeatureResolver, ResolveStats
 from minutely.features.table import BUCKET_MS, Features, Replica, arrow_schema, resolve_replicas
 from minutely.features.writer import SnapshotWriter, WriteResult
 
 __all__ = [
     "BUCKET_MS",
+    "FeatureResolver",
     "Features",
     "Lookup",
     "Replica",
+    "ResolveStats",
     "SnapshotReader",
     "SnapshotWriter",
     "WriteResult",

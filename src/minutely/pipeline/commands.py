@@ -112,7 +112,7 @@ def run_simulate(
                 "pace_origin": svc.pace_origin,
             }
 
-        return Running(step, status, lambda: None, lambda: None, lambda: svc.done)
+        return Running(step, status, svc.close, svc.close, lambda: svc.done)
 
     supervise("simulate", build, cfg, run_dir, clock, stop)
 

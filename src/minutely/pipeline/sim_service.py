@@ -6,6 +6,13 @@ event-time window at a time and checkpoints after each (the next window and its 
 writer's state, in one JSON file replaced atomically), so a restart after SIGKILL continues with
 the next window, and a window written before the kill is verified and not written twice.
 
+With ``features.snapshots`` on, each window's impression features are first written to the
+feature snapshot tables (replicas resolved inside the run folder) and the impressions are
+published by reference (see :class:`~minutely.pipeline.source.SimSource`); :meth:`SimulateService.
+close` closes the snapshot writer. Whether snapshots are on is recorded in the checkpoint when
+they are, so a restart that turns them on or off is refused, naming ``features.snapshots``: the
+window it would produce again differs from the messages already in the topic.
+
 Two paces: as fast as possible (replays, benchmarks), or ``rate`` times real time on the clock.
 With ``live`` the market starts at the clock's now instead of ``sim.start_ms``: at rate 1 every
 event is then stamped with the wall-clock time at which it is written, give or take one window.
@@ -16,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +32,13 @@ from minutely.config import Config
 from minutely.errors import CheckpointError, ConfigError
 from minutely.fsutil import replace_atomically
 from minutely.pipeline.settings import check_settings, output_settings
-from minutely.pipeline.source import SimSource
+from minutely.pipeline.source import SimSource, open_snapshots
 from minutely.schema import default_schema
 from minutely.sim import Market
 from minutely.stream import Log
 
 STATE = "simulate.json"
+_SNAPSHOTS = "features.snapshots"
 
 
 class SimulateService:
@@ -63,19 +72,36 @@ class SimulateService:
         sim = dataclasses.replace(cfg.sim, start_ms=start)
         self.cfg = dataclasses.replace(cfg, sim=sim)
         self._settings = output_settings(self.cfg, "simulate")
+        if cfg.features.snapshots:  # absent when off: checkpoints from before stay valid
+            self._settings[_SNAPSHOTS] = True
         if state is not None:
-            check_settings(state["settings"], self._settings, f"simulate checkpoint {self._path}")
+            saved = state["settings"]
+            was = saved.get(_SNAPSHOTS, False) if isinstance(saved, Mapping) else False
+            if was != cfg.features.snapshots:
+                raise CheckpointError(
+                    f"simulate checkpoint {self._path} was written with {_SNAPSHOTS}={was!r}, "
+                    f"this run has {_SNAPSHOTS}={cfg.features.snapshots!r}"
+                )
+            check_settings(saved, self._settings, f"simulate checkpoint {self._path}")
         self.start_ms = start
         self.end_ms = None if days is None else start + int(days * 86_400_000)
         log.create_topic(cfg.stream.raw_topic, cfg.stream.partitions)
-        self.source = SimSource(
-            Market(sim, default_schema()),
-            log,
-            cfg.stream.raw_topic,
-            corrupt_every=cfg.demo.corrupt_every,
-            writer=None if state is None else state["writer"],
-            produced=0 if state is None else int(state["produced"]),
-        )
+        schema = default_schema()
+        snapshots = open_snapshots(cfg, schema, run_dir)
+        try:
+            self.source = SimSource(
+                Market(sim, schema),
+                log,
+                cfg.stream.raw_topic,
+                corrupt_every=cfg.demo.corrupt_every,
+                writer=None if state is None else state["writer"],
+                produced=0 if state is None else int(state["produced"]),
+                snapshots=snapshots,
+            )
+        except BaseException:
+            if snapshots is not None:
+                snapshots.close(catch_up=False)
+            raise
         self.next_ms = start if state is None else int(state["next_ms"])
         self._wall0: tuple[int, int] | None = None  # (wall ms, sim ms) when pacing began
 
@@ -117,6 +143,10 @@ class SimulateService:
                 stop.wait(min(wait, 1.0))
                 continue
             self.step()
+
+    def close(self) -> None:
+        """Close the snapshot writer, if any (every written window is already checkpointed)."""
+        self.source.close()
 
     def checkpoint(self) -> None:
         state = {

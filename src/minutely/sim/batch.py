@@ -6,11 +6,17 @@ tracking), and impressions are encoded through a struct whose fields are the sch
 in schema order: msgspec writes a struct and a dict with the same keys in the same order to the
 same JSON, so ``messages()`` equals ``encode_event`` of ``events()`` byte for byte (a test holds
 it to that).
+
+With ``by_reference=True`` impressions carry no features but a request id (the impression id:
+each simulated impression answers one ad request); their features are the rows of
+:meth:`EventBatch.snapshots`, which a producer writes to the feature snapshot tables before it
+publishes the messages.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,26 +69,56 @@ class EventBatch:
             rows: list[dict[str, FeatureValue]] = msgspec.to_builtins(self._feature_rows())
         return rows
 
-    def events(self) -> list[Event]:
-        """The batch as :mod:`minutely.events` structs, in batch order."""
+    def snapshots(self) -> tuple[NDArray[np.int64], NDArray[np.int64], Features]:
+        """``(request_ids, ts_ms, features)`` of the impressions, in impression order: the rows
+        a producer writes as feature snapshots before it publishes by-reference impressions.
+
+        The request id is the impression id. Dense values are the logged ones (rounded as in
+        :meth:`messages`, then float32, the type of the snapshot table and of the sample log),
+        so a sample joined from a snapshot equals one joined from the inline features.
+        """
+        imp = self.kind == IMPRESSION
+        features: Features = {}
+        for spec in self.schema.features:
+            col = self.features[spec.name]
+            if spec.kind == "dense":
+                decimals = DENSE_DECIMALS.get(spec.name, 6)
+                col = np.round(col.astype(np.float64), decimals).astype(np.float32)
+            features[spec.name] = col
+        return self.imp_id[imp], self.ts_ms[imp], features
+
+    def events(self, *, by_reference: bool = False) -> list[Event]:
+        """The batch as :mod:`minutely.events` structs, in batch order.
+
+        With ``by_reference``, impressions have empty features and their impression id as
+        ``request_id`` (see :meth:`snapshots`).
+        """
         with _gc_paused():
             imp, click, conv = self._split()
-            impressions = list(map(Impression, imp[0], imp[1], self.feature_dicts()))
+            if by_reference:
+                impressions = [Impression(i, t, {}, i) for i, t in zip(imp[0], imp[1], strict=True)]
+            else:
+                impressions = list(map(Impression, imp[0], imp[1], self.feature_dicts()))
             clicks = list(map(Click, *click))
             conversions = list(map(Conversion, *conv))
             return self._in_order([*impressions, *clicks, *conversions])
 
-    def messages(self) -> list[tuple[bytes, bytes, int]]:
+    def messages(self, *, by_reference: bool = False) -> list[tuple[bytes, bytes, int]]:
         """``(key, value, ts_ms)`` per event, ready for ``Log.append``.
 
         The key is the impression id as 8 big-endian bytes, so every event of an impression
         lands on the same partition; the value is what :func:`minutely.events.encode_event`
-        writes for the event.
+        writes for the event of :meth:`events` (with the same ``by_reference``).
         """
         with _gc_paused():
             imp, click, conv = self._split()
-            wire = _wire_impression(tuple(f.name for f in self.schema.features))
-            impressions = list(map(wire, imp[0], imp[1], self._feature_rows()))
+            if by_reference:
+                ids = imp[0]
+                rows = map(_WireReference, ids, imp[1], itertools.repeat(_NO_FEATURES), ids)
+                impressions: list[msgspec.Struct] = list(rows)
+            else:
+                wire = _wire_impression(tuple(f.name for f in self.schema.features))
+                impressions = list(map(wire, imp[0], imp[1], self._feature_rows()))
             encode = _ENCODER.encode
             values = self._in_order(
                 [
@@ -138,6 +174,19 @@ def _wire_features(names: tuple[str, ...]) -> type[msgspec.Struct]:
 def _wire_impression(names: tuple[str, ...]) -> type[msgspec.Struct]:
     fields = [("imp_id", int), ("ts_ms", int), ("features", _wire_features(names))]
     return msgspec.defstruct("WireImpression", fields, tag="impression", gc=False)
+
+
+class _WireReference(msgspec.Struct, tag="impression", gc=False):
+    """An impression by reference as :func:`minutely.events.encode_event` writes it (same fields
+    in the same order; ``features`` always the empty dict)."""
+
+    imp_id: int
+    ts_ms: int
+    features: dict[str, Any]
+    request_id: int
+
+
+_NO_FEATURES: dict[str, Any] = {}
 
 
 @contextmanager
