@@ -14,14 +14,18 @@ import argparse
 import gc
 import json
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from minutely.config import JoinConfig, ModelConfig, load_config
 from minutely.events import Click, Conversion, Event, Impression, decode_event, encode_event
 from minutely.join import Joiner, JoinStats
+from minutely.join.store import JoinStore
 from minutely.schema import default_schema
 
 DAY_MS = 86_400_000
@@ -86,19 +90,28 @@ class _Run:
     stats: JoinStats
 
 
-def _one_run(batches: list[list[bytes]]) -> _Run:
+def _one_run(batches: list[list[bytes]], store_every: int = 0) -> _Run:
+    """One pass; with ``store_every``, the state on disk, checkpointed every that many events
+    (the checkpoints' time counts)."""
     cfg = load_config(None)
     models: tuple[ModelConfig, ...] = cfg.models
-    joiner = Joiner(models, JoinConfig(), default_schema())
+    tmp = tempfile.mkdtemp(prefix="minutely-bench-join-")
+    store = JoinStore.create(Path(tmp) / "p0.sqlite") if store_every else None
+    joiner = Joiner(models, JoinConfig(), default_schema(), store=store)
     t_stream = 0.0
     cpu_stream = 0.0
     samples = 0
+    since = 0
     for raw in batches:
         batch = [decode_event(b) for b in raw]
         t0 = time.perf_counter()
         c0 = time.process_time()
         joiner.process_many(batch)
         samples += sum(len(v) for v in joiner.drain().values())
+        since += len(batch)
+        if store_every and since >= store_every:
+            joiner.checkpoint()
+            since = 0
         cpu_stream += time.process_time() - c0
         t_stream += time.perf_counter() - t0
     peak_state = joiner.state_size()
@@ -107,6 +120,9 @@ def _one_run(batches: list[list[bytes]]) -> _Run:
     t_snap = time.perf_counter() - t1
     joiner.flush_all()
     samples += sum(len(v) for v in joiner.drain().values())
+    if store is not None:
+        store.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     return _Run(t_stream, cpu_stream, samples, peak_state, len(blob), t_snap, joiner.stats)
 
 
@@ -115,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="200k impressions instead of 1M")
     ap.add_argument("--impressions", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="runs; medians are reported")
+    ap.add_argument(
+        "--store-every",
+        type=int,
+        default=0,
+        help="keep the state in an on-disk store, checkpointed every N events (0: in memory)",
+    )
     args = ap.parse_args(argv)
     n = args.impressions or (200_000 if args.quick else 1_000_000)
     events = synth_stream(n)
@@ -126,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     n_events = len(events)
     del events
     gc.collect()
-    runs = [_one_run(batches) for _ in range(args.repeats)]
+    runs = [_one_run(batches, args.store_every) for _ in range(args.repeats)]
     t_stream = statistics.median(r.seconds for r in runs)
     cpu_stream = statistics.median(r.cpu_seconds for r in runs)
     last = runs[-1]
@@ -134,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "join",
         "repeats": args.repeats,
+        "store_every": args.store_every,
         "impressions": n,
         "events": n_events,
         "seconds": round(t_stream, 3),

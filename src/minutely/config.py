@@ -135,11 +135,17 @@ class JoinConfig:
 
     The watermark trails the newest event time by ``allowed_lateness_s``; an impression waits at
     most ``max_click_delay_s`` for its click (what pCVR samples need; pCTR models keep theirs for
-    their own attribution window plus correction horizon).
+    their own attribution window plus correction horizon). A click or conversion stamped more
+    than ``max_clock_skew_s`` before its impression is a dead letter. With its state on disk
+    (the services and the in-process replay), a partition's join keeps at most
+    ``hot_impressions`` impressions in memory once a checkpoint has written them (the newest);
+    the others are read back when a click needs them. It changes memory and speed, not outputs.
     """
 
     allowed_lateness_s: int = field(default=30, metadata=_range(0))
     max_click_delay_s: int = field(default=3_600, metadata=_range(0))
+    max_clock_skew_s: int = field(default=60, metadata=_range(0))
+    hot_impressions: int = field(default=50_000, metadata=_range(0))
 
 
 LossName = Literal["bce", "pu", "fnw", "fnc"]

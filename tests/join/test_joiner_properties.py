@@ -53,7 +53,7 @@ def cases(draw: st.DrawFn) -> Case:
         ModelConfig(
             name=f"m{i}",
             label=label,
-            attribution_window_s=draw(st.integers(1, 6)),
+            attribution_window_s=draw(st.integers(0, 6)),  # 0: emit at once
             correction_horizon_s=draw(st.integers(0, 12)),
         )
         for i, label in enumerate(labels)
@@ -186,12 +186,13 @@ def reference(case: Case) -> dict[str, list[Sample]]:
             close = im.ts_ms + w
             k = passes(close, a)
             first = min((ts for e, ts in clicks if e <= k), default=NEVER)
-            if first <= close:
+            if first <= close and w > 0:  # window 0: nothing counts in the first emission
                 out[m.name].append(Sample(iid, im.ts_ms, close, 1, False, first, feats))
                 continue
             out[m.name].append(Sample(iid, im.ts_ms, close, 0, False, -1, feats))
             if first <= close + h:
-                out[m.name].append(Sample(iid, im.ts_ms, first, 1, True, first, feats))
+                emit = max(first, close)
+                out[m.name].append(Sample(iid, im.ts_ms, emit, 1, True, first, feats))
                 continue
             for e, ts in clicks:
                 if e > k and ts <= close + h:
@@ -217,7 +218,7 @@ def reference(case: Case) -> dict[str, list[Sample]]:
             convs = joined(Conversion, max(evicted, gone))
             convs = [(e, ts) for e, ts in convs if e <= gone]
             first = min((ts for e, ts in convs if e <= kb), default=NEVER)
-            if first <= close:
+            if first <= close and w > 0:
                 out[m.name].append(Sample(iid, anchor, key, 1, False, first, feats))
                 continue
             out[m.name].append(Sample(iid, anchor, key, 0, False, -1, feats))

@@ -76,7 +76,7 @@ def test_restore_refuses_state_of_another_shape() -> None:
 def test_restore_refuses_another_state_version() -> None:
     st = DECODER.decode(Joiner([CTR], CFG, default_schema()).snapshot())
     st.version = 99
-    with pytest.raises(CheckpointError, match=r"expected state version 1, got 99"):
+    with pytest.raises(CheckpointError, match=r"expected state version 2, got 99"):
         Joiner.restore([CTR], CFG, default_schema(), ENCODER.encode(st))
 
 

@@ -40,7 +40,7 @@ def test_a_models_settings_are_its_own() -> None:
         None,
         {
             "models": [
-                {"name": "ctr"},
+                {"name": "ctr", "loss": "pu"},
                 {"name": "cvr", "label": "conversion", "attribution_window_s": 60},
             ]
         },

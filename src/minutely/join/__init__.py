@@ -3,5 +3,14 @@
 from minutely.join.joiner import Joiner
 from minutely.join.plan import JoinPlan, ModelWindow
 from minutely.join.state import JoinStats, LateEvent, LateReason
+from minutely.join.store import JoinStore
 
-__all__ = ["JoinPlan", "JoinStats", "Joiner", "LateEvent", "LateReason", "ModelWindow"]
+__all__ = [
+    "JoinPlan",
+    "JoinStats",
+    "JoinStore",
+    "Joiner",
+    "LateEvent",
+    "LateReason",
+    "ModelWindow",
+]

@@ -37,10 +37,14 @@ class JoinPlan:
       and ``max_click_delay_ms`` when a conversion model needs the impression's click.
     * ``first_due_ms``: the earliest an impression can matter after its own time (the shortest
       click window, else the retention); used to skip work while nothing is due.
+
+    ``hot_impressions`` only bounds memory, so it is not part of :meth:`identity`.
     """
 
     lateness_ms: int
     max_click_delay_ms: int
+    max_clock_skew_ms: int
+    hot_impressions: int
     model_names: tuple[str, ...]
     click_models: tuple[ModelWindow, ...]
     conversion_models: tuple[ModelWindow, ...]
@@ -75,6 +79,10 @@ class JoinPlan:
             raise ConfigError("join.allowed_lateness_s", "int >= 0", cfg.allowed_lateness_s)
         if cfg.max_click_delay_s < 0:
             raise ConfigError("join.max_click_delay_s", "int >= 0", cfg.max_click_delay_s)
+        if cfg.max_clock_skew_s < 0:
+            raise ConfigError("join.max_clock_skew_s", "int >= 0", cfg.max_clock_skew_s)
+        if cfg.hot_impressions < 0:
+            raise ConfigError("join.hot_impressions", "int >= 0", cfg.hot_impressions)
         delay_ms = cfg.max_click_delay_s * 1000
         horizons = [w.window_ms + w.horizon_ms for w in clicks]
         if convs:
@@ -84,6 +92,8 @@ class JoinPlan:
         return cls(
             lateness_ms=cfg.allowed_lateness_s * 1000,
             max_click_delay_ms=delay_ms,
+            max_clock_skew_ms=cfg.max_clock_skew_s * 1000,
+            hot_impressions=cfg.hot_impressions,
             model_names=tuple(names),
             click_models=tuple(clicks),
             conversion_models=tuple(convs),
@@ -99,4 +109,5 @@ class JoinPlan:
         ]
         lines.append(f"allowed_lateness_ms={self.lateness_ms}")
         lines.append(f"max_click_delay_ms={self.max_click_delay_ms}")
+        lines.append(f"max_clock_skew_ms={self.max_clock_skew_ms}")
         return lines

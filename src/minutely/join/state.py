@@ -3,7 +3,9 @@
 Every mutable piece of a :class:`~minutely.join.Joiner` lives in the structs below, so a snapshot
 is one msgpack encoding of :class:`JoinState` and a restore is one typed decode. Heaps are stored
 as the lists they are (already in heap order), which keeps the restored joiner's output order
-identical to the original's.
+identical to the original's. A joiner with a :class:`~minutely.join.store.JoinStore` checkpoints
+the same struct with ``stored = True`` and without what the store holds (impressions, their time
+index, pCVR entries and their expiry index).
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import msgspec
 from minutely.data.samples import Sample
 from minutely.events import Event, Impression
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 # Per-model status of a pCVR sample.
 OPEN = 0  # window open: the sample has not been emitted yet
 WAITING = 1  # emitted as a negative; a conversion within the horizon would correct it
 DONE = 2  # emitted as a positive, or corrected: later conversions change nothing
 
-LateReason = Literal["late_impression", "no_impression"]
+LateReason = Literal["late_impression", "no_impression", "no_click", "clock_skew"]
 
 
 class LateEvent(msgspec.Struct, frozen=True):
@@ -30,12 +32,17 @@ class LateEvent(msgspec.Struct, frozen=True):
 
     ``late_impression``: an impression older than the watermark when it arrived (its windows may
     already be closed). ``no_impression``: a click or conversion whose impression was never seen,
-    arrived late, or was already evicted. ``watermark_ms`` is the watermark when it was rejected.
+    arrived late, or was already evicted. ``no_click``: the earliest conversion of an impression
+    evicted without a click that opens a pCVR window (no model can use it). ``clock_skew``: a
+    click or conversion that waited for its impression, which then came stamped more than the
+    allowed clock skew after it (``detail`` says by how much). ``watermark_ms`` is the watermark
+    when it was rejected.
     """
 
     event: Event
     reason: LateReason
     watermark_ms: int
+    detail: str = ""
 
 
 class JoinStats(msgspec.Struct, frozen=True):
@@ -45,7 +52,9 @@ class JoinStats(msgspec.Struct, frozen=True):
     label 1 (corrections included), ``corrections`` the corrections alone. ``orphans`` counts
     clicks and conversions that joined no impression; ``duplicates`` repeated impressions, clicks
     and conversions for one impression; ``late_impressions`` impressions behind the watermark;
-    ``late_dropped`` late events discarded because the bounded late buffer was full.
+    ``late_dropped`` late events discarded because the bounded late buffer was full;
+    ``unclicked`` conversions of impressions evicted without a qualifying click; ``skewed``
+    clicks and conversions refused for clock skew after waiting for their impression.
     """
 
     processed: int
@@ -56,6 +65,8 @@ class JoinStats(msgspec.Struct, frozen=True):
     duplicates: int
     late_impressions: int
     late_dropped: int
+    unclicked: int = 0
+    skewed: int = 0
 
 
 class ClickModelState(msgspec.Struct):
@@ -91,7 +102,10 @@ class ConversionModelState(msgspec.Struct):
     """A pCVR model: open windows, emitted windows awaiting corrections, outputs.
 
     ``opening`` is a heap of ``(emit_ts_ms, imp_id, anchor)`` (entries whose anchor no longer
-    matches are stale and skipped); ``expiry`` a heap of ``(anchor + W + H, imp_id)``.
+    matches are stale and skipped); ``expiry`` a heap of ``(anchor + W + H, imp_id)`` of the
+    emitted entries in ``entries``. With a store, ``entries`` holds the open windows and the
+    entries changed since the last checkpoint (the rest are in the store), and entries whose
+    expiry is before ``expired_below`` are gone.
     """
 
     name: str
@@ -103,6 +117,7 @@ class ConversionModelState(msgspec.Struct):
     emitted: int = 0
     positives: int = 0
     corrected: int = 0
+    expired_below: int = -(1 << 62)
 
 
 class JoinState(msgspec.Struct):
@@ -129,6 +144,9 @@ class JoinState(msgspec.Struct):
     duplicates: int
     late_impressions: int
     late_dropped: int
+    unclicked: int = 0
+    skewed: int = 0
+    stored: bool = False  # a store's checkpoint: impressions and entries are in the store
 
 
 ENCODER = msgspec.msgpack.Encoder()

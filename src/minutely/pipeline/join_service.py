@@ -3,12 +3,15 @@
 Any number of join processes form one consumer group on the raw topic and split its partitions.
 Everything about one raw partition (its position, its joiner's state, its exactly-once writers'
 states, its counts) is one :class:`~minutely.pipeline.join_stage.PartitionJoin`, checkpointed on
-its own to ``<run>/checkpoints/join/p<N>.json`` (replaced atomically). When the group gives a
-process a partition, the process loads that partition's checkpoint, whoever wrote it, and seeks
-to its position; before a partition is taken away (rebalance, clean stop) the process
-checkpoints it. A process killed with SIGKILL loses its partitions after the group's session
-timeout; the member that takes them over resumes from their last checkpoints, and the
-exactly-once writers verify and skip what the dead process had written after them.
+its own into its store ``<run>/checkpoints/join/p<N>.sqlite``
+(:class:`~minutely.join.store.JoinStore`): each checkpoint commits, in one transaction, what
+changed since the previous one with the partition's position, writer states, counts and the
+settings. When the group gives a process a partition, the process opens that partition's store,
+whoever wrote it, and seeks to its position; before a partition is taken away (rebalance, clean
+stop) the process checkpoints it and closes the store. A process killed with SIGKILL loses its
+partitions after the group's session timeout; the member that takes them over resumes from their
+last checkpoints (the store holds the last committed one: a commit is one SQLite transaction),
+and the exactly-once writers verify and skip what the dead process had written after them.
 
 The join's time is its partitions' own: each partition's clock is the newest impression time it
 has seen, so what the join emits depends only on the partition's records, never on when they
@@ -18,7 +21,6 @@ predecessor wrote.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -26,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from minutely.config import Config
-from minutely.errors import CheckpointError
-from minutely.fsutil import replace_atomically
+from minutely.join.store import JoinStore
 from minutely.pipeline.join_stage import JoinSettings, PartitionJoin
 from minutely.pipeline.settings import check_settings, output_settings
 from minutely.schema import default_schema
@@ -99,6 +100,7 @@ class JoinService:
         """Checkpoint every owned partition and leave the group (its partitions move at once)."""
         for p in list(self.parts):
             self._save(p)
+            self.parts[p].close()
         self.parts.clear()  # saved: the revocation inside close has nothing left to save
         self._consumer.close()
 
@@ -106,6 +108,8 @@ class JoinService:
         """Let every partition go without a checkpoint (after the log failed mid-step, the
         state in memory may be ahead of what was written): the next owner, or this process
         started again, resumes from the last checkpoints."""
+        for part in self.parts.values():
+            part.close()
         self.parts.clear()
         self._consumer.close()
 
@@ -134,19 +138,24 @@ class JoinService:
     # -- the group's callbacks ------------------------------------------------------------------
 
     def _path(self, p: int) -> Path:
-        return self._dir / f"p{p}.json"
+        return self._dir / f"p{p}.sqlite"
 
     def _assigned(self, partitions: list[int]) -> dict[int, int]:
         out: dict[int, int] = {}
         for p in partitions:
-            state = self._load(p)
-            part = PartitionJoin(
-                self._log,
-                self._join_settings,
-                self._schema,
-                p,
-                state=None if state is None else state["join"],
-            )
+            store, state = self._load(p)
+            try:
+                part = PartitionJoin(
+                    self._log,
+                    self._join_settings,
+                    self._schema,
+                    p,
+                    state=None if state is None else state["join"],
+                    store=store,
+                )
+            except BaseException:
+                store.close()
+                raise
             self.parts[p] = part
             self._since[p] = 0
             self._saved_at[p] = time.monotonic()
@@ -158,23 +167,28 @@ class JoinService:
         for p in partitions:
             if p in self.parts:
                 self._save(p)
-                del self.parts[p]
+                self.parts.pop(p).close()
                 _log.info("partition %d revoked", p)
 
     def _save(self, p: int) -> None:
-        state = {"settings": self._settings, "join": self.parts[p].snapshot()}
-        replace_atomically(self._path(p), json.dumps(state, sort_keys=True).encode())
+        self.parts[p].checkpoint({"settings": self._settings})
         self._since[p] = 0
         self._saved_at[p] = time.monotonic()
 
-    def _load(self, p: int) -> dict[str, Any] | None:
+    def _load(self, p: int) -> tuple[JoinStore, dict[str, Any] | None]:
+        """Partition ``p``'s store and its last checkpoint (``None``: a new store, or one that
+        never committed, which starts the partition afresh)."""
         path = self._path(p)
         if not path.exists():
-            return None
+            return JoinStore.create(path), None
+        store = JoinStore.open(path)
         try:
-            state: dict[str, Any] = json.loads(path.read_bytes())
-            state["join"]
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"join checkpoint {path} is unreadable ({exc!r})") from exc
-        check_settings(state.get("settings"), self._settings, f"join checkpoint {path}")
-        return state
+            state = PartitionJoin.stored_state(store)
+            if state is None:
+                store.close()
+                return JoinStore.create(path), None
+            check_settings(state.get("settings"), self._settings, f"join checkpoint {path}")
+        except BaseException:
+            store.close()
+            raise
+        return store, state

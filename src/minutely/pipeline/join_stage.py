@@ -17,17 +17,31 @@ records (and the caller's advances), which is what lets a restored partition rep
 the messages its predecessor wrote.
 
 No record stops the stage. An event the ingest check (:class:`~minutely.events.EventValidator`)
-refuses, or one the joiner fails on, goes to the dead-letter topic with the reason and where it
-came from (``topic/partition@offset``); a joined sample the sample codec refuses goes there as
-JSON (source ``join/<model>/<partition>``) while the rest of its batch is published. Letters are
-counted by reason group (:data:`~minutely.events.REASONS`), and the stream goes on.
+refuses, or one the joiner fails on (a click stamped too far before its impression, a repeated
+impression id with another time or features), goes to the dead-letter topic with the reason and
+where it came from (``topic/partition@offset``); a click or conversion the joiner refuses for
+clock skew after it waited for its impression goes there as JSON (source
+``join/<raw topic>/<partition>``), as does a joined sample the sample codec refuses (source
+``join/<model>/<partition>``) while the rest of its batch is published. Letters are counted by
+reason group (:data:`~minutely.events.REASONS`), and the stream goes on. Well-formed events the
+join cannot use (late impressions, clicks without impression, conversions without a click) are
+counted by reason in ``stats.late``, repeats in ``stats.duplicates``.
+
+State. Without a store a partition's checkpoint (:meth:`PartitionJoin.snapshot`) is one JSON
+document holding a full copy of the joiner. With a :class:`~minutely.join.store.JoinStore` (one
+SQLite file per raw partition, under the checkpoint folder of whoever owns the join), the large
+state lives there and :meth:`PartitionJoin.checkpoint` commits, in one transaction, what changed
+since the last checkpoint together with the partition's position, clock, writer states, counts
+and the caller's own state; any process can resume the partition from that file.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from minutely.clock import Clock
@@ -42,8 +56,15 @@ from minutely.config import (
 from minutely.data import encode_batch, samples_to_json, samples_to_record_batch
 from minutely.data.samples import Sample
 from minutely.errors import CheckpointError, EventError
-from minutely.events import UNENCODABLE_SAMPLE, UNJOINABLE_EVENT, Event, EventValidator
+from minutely.events import (
+    UNENCODABLE_SAMPLE,
+    UNJOINABLE_EVENT,
+    Event,
+    EventValidator,
+    encode_event,
+)
 from minutely.join import Joiner
+from minutely.join.store import CommitStats, JoinStore
 from minutely.pipeline.appender import ExactlyOnceWriter
 from minutely.schema import Schema
 from minutely.stream import DeadLetterSink, Log, Record, TopicReader
@@ -54,15 +75,20 @@ _NO_TIME = -(1 << 62)
 
 @dataclass
 class JoinStageStats:
+    """Raw records read, dead letters (by reason group), samples published per model, events
+    the join could not use by reason (``late``) and repeated events (``duplicates``)."""
+
     events: int = 0
     dead_letters: int = 0
     dead_letters_by_reason: dict[str, int] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
     late: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
 
     def add(self, other: JoinStageStats) -> None:
         self.events += other.events
         self.dead_letters += other.dead_letters
+        self.duplicates += other.duplicates
         for mine, theirs in (
             (self.dead_letters_by_reason, other.dead_letters_by_reason),
             (self.samples, other.samples),
@@ -116,8 +142,14 @@ class PartitionJoin:
         schema: Schema,
         partition: int,
         state: Mapping[str, Any] | None = None,
+        *,
+        store: JoinStore | None = None,
     ) -> None:
+        """A fresh partition (``state`` is ``None``; ``store``, if any, is empty) or one resumed
+        from ``state``: a :meth:`snapshot`, or, with ``store``, the state its last
+        :meth:`checkpoint` committed there (:meth:`stored_state`)."""
         self._log = log
+        self._store = store
         self._s = settings
         self._schema = schema
         self.partition = partition
@@ -128,11 +160,12 @@ class PartitionJoin:
         if state is None:
             self.position = 0
             self.clock_ms = _NO_TIME
-            self._joiner = Joiner(settings.models, settings.join, schema)
+            self._joiner = Joiner(settings.models, settings.join, schema, store=store)
             writers: dict[str, Any] = {}
             counts: dict[str, int] = {}
         else:
             writers, counts = self._restore(state)
+        self.stats.duplicates = self._joiner.stats.duplicates
         self._out = {
             m.name: ExactlyOnceWriter(log, m.samples_topic, self._writer_id, writers.get(m.name))
             for m in settings.models
@@ -224,9 +257,15 @@ class PartitionJoin:
         for m in self._s.models:
             self._publish(m.name, out.get(m.name, []))
         for late in self._joiner.drain_late():
+            if late.reason == "clock_skew":  # stamped too far before its impression
+                source = f"join/{self._raw}/{self.partition}"
+                reason = f"{UNJOINABLE_EVENT}: {late.detail}"
+                self._dead_letter(encode_event(late.event), reason, source)
+                continue
             # Events that cannot be joined (a click whose impression was evicted) are
             # well-formed data, not dead letters: counted by reason.
             self.stats.late[late.reason] = self.stats.late.get(late.reason, 0) + 1
+        self.stats.duplicates = self._joiner.stats.duplicates
 
     def _publish(self, name: str, samples: list[Sample]) -> None:
         stamp = self.clock_ms
@@ -284,7 +323,49 @@ class PartitionJoin:
     # -- checkpointing ----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """JSON-able state that resumes after the last record processed."""
+        """JSON-able state that resumes after the last record processed (a full copy of the
+        joiner; with a store, read back from it)."""
+        doc = self._partition_state()
+        doc["joiner"] = base64.b64encode(self._joiner.snapshot()).decode()
+        return doc
+
+    def checkpoint(self, extra: Mapping[str, Any] | None = None) -> CommitStats:
+        """Commit to the store, in one transaction, the joiner's changes since the last
+        checkpoint and this partition's state, with ``extra`` (JSON-able) beside it."""
+        if self._store is None:
+            raise CheckpointError(
+                f"join partition {self.partition}: checkpoint expected a store, got none "
+                "(use snapshot)"
+            )
+        doc = {**(extra or {}), "join": self._partition_state()}
+        return self._joiner.checkpoint(json.dumps(doc, sort_keys=True).encode())
+
+    @staticmethod
+    def stored_state(store: JoinStore) -> dict[str, Any] | None:
+        """What the store's last :meth:`checkpoint` committed (``extra`` and ``"join"``, the
+        partition's state), or ``None`` before the first."""
+        blob = store.caller_state()
+        if blob is None:
+            return None
+        try:
+            doc = json.loads(blob)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"join store {store.path}: the partition state does not decode ({exc})"
+            ) from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("join"), dict):
+            raise CheckpointError(
+                f"join store {store.path}: expected a partition state with a 'join' table, got "
+                f"{type(doc).__name__}"
+            )
+        return doc
+
+    def close(self) -> None:
+        """Close the store, if any (nothing is lost: it changes only at a checkpoint)."""
+        if self._store is not None:
+            self._store.close()
+
+    def _partition_state(self) -> dict[str, Any]:
         writers = {name: w.state() for name, w in self._out.items()}
         writers["dead_letters"] = self._dead_out.state()
         return {
@@ -292,7 +373,6 @@ class PartitionJoin:
             "partition": self.partition,
             "position": self.position,
             "clock_ms": self.clock_ms,
-            "joiner": base64.b64encode(self._joiner.snapshot()).decode(),
             "writers": writers,
             "dead_letter_counts": self._dead.counts_by_reason,
             "stats": {
@@ -316,9 +396,14 @@ class PartitionJoin:
                 raise CheckpointError(f"{where}: expected models {names}, got {sorted(writers)}")
             self.position = int(state["position"])
             self.clock_ms = int(state["clock_ms"])
-            self._joiner = Joiner.restore(
-                self._s.models, self._s.join, self._schema, base64.b64decode(state["joiner"])
-            )
+            if self._store is None:
+                self._joiner = Joiner.restore(
+                    self._s.models, self._s.join, self._schema, base64.b64decode(state["joiner"])
+                )
+            else:
+                self._joiner = Joiner.resume(
+                    self._s.models, self._s.join, self._schema, self._store
+                )
             counts = {str(k): int(v) for k, v in state["dead_letter_counts"].items()}
             st = state["stats"]
             self.stats.events = int(st["events"])
@@ -335,6 +420,14 @@ class JoinStage:
     :meth:`run` joins every raw record logged before the clock's now: a restored stage then
     sees, tick by tick, exactly what the run it replaces saw, even when that run had already
     logged later records before it stopped.
+
+    With ``store_dir``, each partition keeps its state in ``<store_dir>/p<N>.sqlite``: a fresh
+    stage (``state`` is ``None``) starts empty stores there, :meth:`snapshot` checkpoints each
+    one and returns their generations, and a stage given that snapshot resumes every partition
+    from its store at that generation. A store one generation ahead (the caller stopped after
+    the stores committed and before its own checkpoint was written, or restores the checkpoint
+    before its newest) is rolled back to it: the stores keep the undo of their last commit.
+    Any other generation is refused.
     """
 
     def __init__(
@@ -350,8 +443,11 @@ class JoinStage:
         state: dict[str, Any] | None = None,
         *,
         window_ms: int = TrainConfig().window_s * 1000,
+        store_dir: Path | None = None,
     ) -> None:
         self._clock = clock
+        self._store_dir = store_dir
+        self.last_commits: list[CommitStats] = []
         self._raw = stream.raw_topic
         self._max_future_ms = ingest.max_future_s * 1000
         settings = JoinSettings(stream, ingest, join, tuple(models), batch_size, window_ms)
@@ -359,10 +455,13 @@ class JoinStage:
         n = log.partitions(self._raw)
         for m in models:
             log.create_topic(m.samples_topic, n)
-        parts: list[Mapping[str, Any] | None] = [None] * n
-        if state is not None:
-            parts = _partition_states(state, self._raw, n)
-        self.parts = [PartitionJoin(log, settings, schema, p, parts[p]) for p in range(n)]
+        if store_dir is None:
+            parts: list[Mapping[str, Any] | None] = [None] * n
+            if state is not None:
+                parts = _partition_states(state, self._raw, n)
+            self.parts = [PartitionJoin(log, settings, schema, p, parts[p]) for p in range(n)]
+        else:
+            self.parts = _open_stores(log, settings, schema, n, state, store_dir)
         self._reader = TopicReader(log, self._raw, {p.partition: p.position for p in self.parts})
 
     @classmethod
@@ -375,6 +474,7 @@ class JoinStage:
         state: dict[str, Any] | None = None,
         *,
         models: Sequence[ModelConfig] | None = None,
+        store_dir: Path | None = None,
     ) -> JoinStage:
         """The stage ``cfg`` describes, for all its models unless ``models`` names fewer."""
         return cls(
@@ -388,6 +488,7 @@ class JoinStage:
             cfg.train.batch_size,
             state,
             window_ms=cfg.train.window_s * 1000,
+            store_dir=store_dir,
         )
 
     @property
@@ -436,12 +537,28 @@ class JoinStage:
         return min(p.watermark_ms for p in self.parts)
 
     def snapshot(self) -> dict[str, Any]:
-        """JSON-able state that resumes after the last raw record read."""
-        return {"raw_topic": self._raw, "partitions": [p.snapshot() for p in self.parts]}
+        """JSON-able state that resumes after the last raw record read.
+
+        With a store folder, each partition's store commits its changes since the last snapshot
+        (:attr:`last_commits` says what each wrote) and the state names their generations;
+        without, it holds every partition's full state.
+        """
+        if self._store_dir is None:
+            return {"raw_topic": self._raw, "partitions": [p.snapshot() for p in self.parts]}
+        self.last_commits = [p.checkpoint() for p in self.parts]
+        return {
+            "raw_topic": self._raw,
+            "partitions": [
+                {"partition": p.partition, "generation": c.generation}
+                for p, c in zip(self.parts, self.last_commits, strict=True)
+            ],
+        }
 
     def close(self) -> None:
-        """Close the raw topic's reader (a Kafka consumer holds a connection)."""
+        """Close the raw topic's reader (a Kafka consumer holds a connection) and the stores."""
         self._reader.close()
+        for p in self.parts:
+            p.close()
 
 
 def _partition_states(state: Mapping[str, Any], raw: str, n: int) -> list[Mapping[str, Any] | None]:
@@ -456,6 +573,63 @@ def _partition_states(state: Mapping[str, Any], raw: str, n: int) -> list[Mappin
     if len(parts) != n:
         raise CheckpointError(f"join stage checkpoint: expected {n} partitions, got {len(parts)}")
     return parts
+
+
+def _open_stores(
+    log: Log,
+    settings: JoinSettings,
+    schema: Schema,
+    n: int,
+    state: Mapping[str, Any] | None,
+    store_dir: Path,
+) -> list[PartitionJoin]:
+    """Every partition on its store in ``store_dir``: new ones, or resumed (``state``)."""
+    expected = [0] * n
+    if state is not None:
+        docs = _partition_states(state, settings.stream.raw_topic, n)
+        try:
+            expected = [int(doc["generation"]) for doc in docs]  # type: ignore[index]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"join stage checkpoint: expected each partition's store generation ({exc!r})"
+            ) from exc
+    parts: list[PartitionJoin] = []
+    try:
+        for p in range(n):
+            path = store_dir / f"p{p}.sqlite"
+            if state is None:
+                store = JoinStore.create(path, undo=True)
+                doc = None
+            else:
+                store = JoinStore.open(path, undo=True)
+            try:
+                if state is not None:
+                    doc = _stored_partition(store, expected[p])
+                parts.append(PartitionJoin(log, settings, schema, p, doc, store=store))
+            except BaseException:
+                store.close()
+                raise
+    except BaseException:
+        for part in parts:
+            part.close()
+        raise
+    return parts
+
+
+def _stored_partition(store: JoinStore, expected: int) -> Mapping[str, Any]:
+    generation = store.generation()
+    if generation == expected + 1 and store.can_roll_back():
+        generation = store.roll_back()
+    if generation != expected:
+        raise CheckpointError(
+            f"join store {store.path}: expected generation {expected} (the checkpoint's) or "
+            f"the one after it, got {generation}"
+        )
+    doc = PartitionJoin.stored_state(store)
+    if doc is None:
+        raise CheckpointError(f"join store {store.path}: expected a checkpoint, found none")
+    join: Mapping[str, Any] = doc["join"]
+    return join
 
 
 def _source(rec: Record) -> str:

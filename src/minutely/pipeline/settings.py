@@ -48,6 +48,8 @@ _FIELDS: dict[Stage, tuple[str, ...]] = {
     ),
     "train": ("stream.partitions",),
 }
+# Fields of those sections that bound memory and never change an output.
+_MEMORY_ONLY = ("join.hot_impressions",)
 
 
 def output_settings(cfg: Config, stage: Stage, model: str | None = None) -> dict[str, Any]:
@@ -62,6 +64,8 @@ def output_settings(cfg: Config, stage: Stage, model: str | None = None) -> dict
     for dotted in _FIELDS[stage]:
         section, name = dotted.split(".", 1)
         flat[dotted] = doc[section][name]
+    for dotted in _MEMORY_ONLY:
+        flat.pop(dotted, None)
     # JSON round trip: tuples become lists, as they come back from a checkpoint.
     out: dict[str, Any] = json.loads(json.dumps(flat, sort_keys=True))
     return out
