@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         ("sim.py", ["--impressions-per-day", "5000"], "events_per_s"),
         ("join.py", ["--impressions", "5000", "--repeats", "1"], "events_per_s"),
+        (
+            "delayed_feedback.py",
+            ["--quick", "--impressions-per-day", "20000", "--days", "2", "--arch", "lr"],
+            "joined_samples_per_s_median",
+        ),
     ],
 )
 def test_benchmark_prints_json_last(script: str, args: list[str], key: str) -> None:
