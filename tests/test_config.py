@@ -53,9 +53,12 @@ hidden = [32, 16]
         ({"serve": {"port": 70_000}}, r"'serve\.port': expected int <= 65535"),
         ({"serve": {"host": 1}}, r"'serve\.host': expected a string"),
         ({"sim": {"regime_switch_hour": "x"}}, r"'sim\.regime_switch_hour': expected int"),
-        ({"demo": {"model": "nope"}}, r"'demo\.model': expected one of \['ctr', 'cvr'\]"),
         (
-            {"models": [{"name": "a"}, {"name": "a"}], "demo": {"model": "a"}},
+            {"demo": {"models": ["nope"]}},
+            r"'demo\.models': expected names of models among \['ctr', 'cvr'\], got 'nope'",
+        ),
+        (
+            {"models": [{"name": "a"}, {"name": "a"}]},
             r"'models': expected unique model names",
         ),
     ],
@@ -246,7 +249,7 @@ def test_bad_stream_fields_fail_naming_the_field(stream: dict[str, object], mess
 )
 def test_loss_rules_fail_at_load_naming_the_field(model: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        load_config(None, {"models": [model], "demo": {"model": "c"}})
+        load_config(None, {"models": [model]})
 
 
 def test_fake_negative_losses_load_with_an_immediate_window() -> None:
@@ -254,7 +257,6 @@ def test_fake_negative_losses_load_with_an_immediate_window() -> None:
         None,
         {
             "models": [{"name": "c", "loss": "fnw", "attribution_window_s": 0}],
-            "demo": {"model": "c"},
         },
     )
     assert cfg.model("c").loss == "fnw"

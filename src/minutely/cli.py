@@ -39,10 +39,11 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+# A small market: about 1,800 clicks a day, so the pCVR model needs a low bar to export often.
 QUICK = {
     "sim": {"impressions_per_day": 60_000, "users": 20_000, "campaigns_per_hour": 6},
     "demo": {"corrupt_every": 2_000},
-    "export": {"min_samples": 200},
+    "export": {"min_samples": 50},
 }
 
 
@@ -64,7 +65,9 @@ def _service_options(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minutely", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="simulate two days and compare day-only vs online")
+    demo = sub.add_parser(
+        "demo", help="simulate two days; compare day-only vs online pCTR and pCVR models"
+    )
     _config_options(demo)
     demo.add_argument("--quick", action="store_true", help="a small market (about a minute)")
     demo.add_argument("--run-dir", type=Path, help="write here instead of a new runs/ folder")
@@ -118,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_cli_config(args)
         if args.command == "demo":
             from minutely.demo.run import run_demo
+
+            # One line per scoring request would bury the progress bar and the table.
+            logging.getLogger("httpx").setLevel(logging.WARNING)
 
             run_demo(cfg, run_dir=args.run_dir, progress=not args.no_progress, resume=args.resume)
             return 0

@@ -206,8 +206,11 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """``minutely demo``: ``days`` simulated days (the last one replayed online) for the models
+    named in ``models`` (every configured model when it is not set)."""
+
     days: int = field(default=2, metadata=_range(2))
-    model: str = "ctr"
+    models: tuple[str, ...] | None = None
     runs_dir: str = "runs"
     score_batch: int = field(default=2_000, metadata=_range(1))
     corrupt_every: int = field(default=20_000, metadata=_range(0))  # 0: a clean stream
@@ -380,8 +383,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError("models", "unique model names", names)
     for m in cfg.models:
         check_model(m)
-    if cfg.demo.model not in names:
-        raise ConfigError("demo.model", f"one of {names}", cfg.demo.model)
+    demo = cfg.demo.models
+    if demo is not None:
+        unknown = [n for n in demo if n not in names]
+        if unknown:
+            raise ConfigError("demo.models", f"names of models among {names}", unknown[0])
+        if not demo or len(set(demo)) != len(demo):
+            raise ConfigError("demo.models", "one or more distinct model names", list(demo))
     return cfg
 
 

@@ -3,13 +3,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from minutely.config import Config, load_config
-from minutely.model import build_model
 from minutely.pipeline.runner import OnlinePipeline
 from minutely.registry import Registry
 from minutely.schema import default_schema
 from minutely.sim import Market
 from minutely.stream import SqliteLog
-from minutely.train import Trainer
 
 SMALL = {
     "sim": {
@@ -41,28 +39,30 @@ def small_config() -> Config:
 
 
 def make_pipeline(
-    cfg: Config, run_dir: Path, *, corrupt_every: int = 0, resume: bool = False
+    cfg: Config,
+    run_dir: Path,
+    *,
+    corrupt_every: int = 0,
+    resume: bool = False,
+    models: list[str] | None = None,
 ) -> tuple[OnlinePipeline, SqliteLog]:
+    """The pipeline of every model in ``cfg`` (or of ``models``) over a SQLite log in
+    ``run_dir``, models built from seed 0."""
     import torch
 
     torch.manual_seed(0)
     schema = default_schema()
-    model_cfg = cfg.model("ctr")
     run_dir.mkdir(parents=True, exist_ok=True)
     log = SqliteLog(run_dir / "log.sqlite")
-    model = build_model(model_cfg, schema)
-    trainer = Trainer(model, cfg.train)
     pipe = OnlinePipeline(
         cfg,
-        model_cfg,
         schema,
         log,
         Market(cfg.sim, schema),
         Registry(run_dir / "registry"),
-        model,
-        trainer,
         run_dir / "checkpoints",
         cfg.sim.start_ms,
+        models=models,
         corrupt_every=corrupt_every,
         resume=resume,
     )

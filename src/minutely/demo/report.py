@@ -1,4 +1,4 @@
-"""The demo's printed table and its plot."""
+"""The demo's printed table and its plot (one row pair and one panel per model)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,43 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+STRATEGIES = (("day model only", "day_only"), ("online", "online"))
+# By a model's label: its action, and the event its attribution window starts from.
+ACTION = {"click": ("click", "impression"), "conversion": ("conversion", "click")}
+
 
 def format_table(results: dict[str, Any]) -> str:
-    rows = [("day model only", "day_only"), ("online", "online")]
+    """Each model's strategies (AUC, logloss, PCOC, versions served, requests scored) against
+    the label that ends with its attribution window, then against its final label (window plus
+    correction horizon), what each was judged on, and a line of pipeline counts."""
     lines = [
-        f"{'strategy':<16}{'AUC':>8}{'logloss':>10}{'PCOC':>8}{'versions':>10}{'impressions':>13}",
+        f"{'model':<8}{'strategy':<16}{'AUC':>8}{'logloss':>10}{'PCOC':>8}{'versions':>10}"
+        f"{'requests':>12}",
     ]
-    for label, key in rows:
-        r = results["strategies"][key]
+    for name, res in results["models"].items():
+        for label, key in STRATEGIES:
+            r = res["strategies"][key]
+            lines.append(
+                f"{name:<8}{label:<16}{r['auc']:>8.4f}{r['logloss']:>10.4f}{r['pcoc']:>8.3f}"
+                f"{r['versions_served']:>10d}{int(r['n']):>12,d}"
+            )
+    lines.append(
+        f"{'':<8}{'final label':<16}{'AUC':>8}{'logloss':>10}{'PCOC':>8}{'':>10}{'positives':>12}"
+    )
+    for name, res in results["models"].items():
+        for label, key in STRATEGIES:
+            r = res["final_label"]["strategies"][key]
+            lines.append(
+                f"{name:<8}{label:<16}{r['auc']:>8.4f}{r['logloss']:>10.4f}{r['pcoc']:>8.3f}"
+                f"{'':>10}{int(r['positives']):>12,d}"
+            )
+    for name, res in results["models"].items():
+        action, anchor = ACTION[res["label"]]
+        window = res["attribution_window_s"]
+        final = window + res["correction_horizon_s"]
         lines.append(
-            f"{label:<16}{r['auc']:>8.4f}{r['logloss']:>10.4f}{r['pcoc']:>8.3f}"
-            f"{r['versions_served']:>10d}{int(r['n']):>13,d}"
+            f"{name}: {res['population']}; label: a {action} within {window:,} s of the "
+            f"{anchor}; final label: within {final:,} s (window + correction horizon)"
         )
     p = results["pipeline"]
     lines.append(
@@ -31,16 +57,20 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_plot(hourly: list[dict[str, Any]], path: Path) -> None:
-    hours = [h["hour"] for h in hourly]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(hours, [h["day_only_auc"] for h in hourly], marker="o", label="day model only")
-    ax.plot(hours, [h["online_auc"] for h in hourly], marker="o", label="online (minutely)")
-    ax.set_xlabel("hour of the replayed day")
-    ax.set_ylabel("AUC (eventual labels)")
-    ax.set_title("AUC per hour, each impression scored by the version live at its time")
-    ax.grid(alpha=0.3)
-    ax.legend()
+def write_plot(hourly: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """AUC per hour of the replayed day, day model against online: one panel per model."""
+    names = list(hourly)
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4), squeeze=False, sharex=True)
+    for ax, name in zip(axes[0], names, strict=True):
+        rows = hourly[name]
+        hours = [h["hour"] for h in rows]
+        ax.plot(hours, [h["day_only_auc"] for h in rows], marker="o", label="day model only")
+        ax.plot(hours, [h["online_auc"] for h in rows], marker="o", label="online (minutely)")
+        ax.set_xlabel("hour of the replayed day")
+        ax.set_ylabel("AUC (eventual labels)")
+        ax.set_title(f"{name}: AUC per hour, each request scored by the version live then")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

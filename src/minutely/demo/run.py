@@ -1,11 +1,18 @@
-"""``minutely demo``: two simulated days, a day model, then a day of online learning.
+"""``minutely demo``: two simulated days, a day model per model, then a day of online learning.
 
-1. Simulate day 1 into the raw topic; the join labels it into the samples topic.
-2. Train the day model on day 1's samples (complete labels) and publish it as the base version.
-3. Start the inference server; replay day 2 window by window: score the window's impressions
-   with the live version (server) and with the frozen day model, then join, test-then-train,
-   export every N minutes; the server hot-swaps each new version.
-4. Judge both strategies on day 2 against eventual labels; write results.json and a plot.
+The demo trains every configured model (or those ``demo.models`` names) from one raw stream, each
+with its own attribution window and correction horizon: by default pCTR (``ctr``: a click within
+10 minutes of the impression) and pCVR (``cvr``: a conversion within an hour of the click).
+
+1. Simulate day 1 into the raw topic; the join labels it into each model's samples topic.
+2. Train each model's day model on day 1's samples (complete labels) and publish it as that
+   model's base version.
+3. Start the inference server (serving every model); replay day 2 window by window: score the
+   window's requests of each model (pCTR: every impression; pCVR: every click) with the live
+   version (server) and with the model's frozen day model, then join, test-then-train and export
+   every N minutes, per model; the server hot-swaps each new version.
+4. Judge both strategies of every model on day 2 against eventual labels; write results.json
+   and a plot with one panel per model.
 """
 
 from __future__ import annotations
@@ -23,20 +30,41 @@ import torch
 from tqdm import tqdm
 
 from minutely.clock import MS_PER_DAY, MS_PER_HOUR
-from minutely.config import Config
-from minutely.demo.replay import ReplayScorer, eventual_click_labels, score
+from minutely.config import Config, ModelConfig
+from minutely.demo.replay import (
+    POPULATION,
+    ReplayScorer,
+    ScoredModel,
+    eventual_click_labels,
+    eventual_conversion_labels,
+    score,
+)
 from minutely.demo.report import format_table, write_plot
 from minutely.demo.server import ServerProcess
-from minutely.errors import ConfigError, StorageError
+from minutely.errors import CheckpointError, ConfigError, StorageError
 from minutely.fsutil import describe_os_error, ensure_writable_dir, replace_atomically
-from minutely.model import build_model
+from minutely.model import CtrModel, build_model
 from minutely.pipeline.day import train_batch_mode
 from minutely.pipeline.runner import OnlinePipeline
 from minutely.registry import Registry
 from minutely.schema import default_schema
-from minutely.sim import Market
+from minutely.sim import IMP_ID_STRIDE, Market
 from minutely.stream import open_log
-from minutely.train import Trainer
+
+# The eventual labels each model is judged on, by label; known only after the run. The first
+# ends with the model's attribution window; the final label also counts the actions its
+# corrections bring within the correction horizon, the label a "pu" model is trained towards.
+JUDGED_ON = {
+    "click": "a click within {window} s of the impression ({what}), eventual",
+    "conversion": "a conversion within {window} s of the click ({what}), eventual",
+}
+WINDOW = "its attribution window"
+FINAL = "attribution window + correction horizon"
+
+
+def demo_models(cfg: Config) -> list[str]:
+    """The models the demo trains: ``demo.models``, or every configured model."""
+    return list(cfg.demo.models) if cfg.demo.models is not None else [m.name for m in cfg.models]
 
 
 def new_run_dir(root: Path) -> Path:
@@ -130,9 +158,7 @@ def run_demo(
     t_start = time.perf_counter()
     torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)
-    model_cfg = cfg.model(cfg.demo.model)
-    if model_cfg.label != "click":
-        raise ConfigError("demo.model", "a model whose label is 'click'", cfg.demo.model)
+    names = demo_models(cfg)
     if MS_PER_DAY % (cfg.train.window_s * 1000):
         raise ConfigError("train.window_s", "a divisor of 86400 for the demo", cfg.train.window_s)
     if resume and run_dir is None:
@@ -143,27 +169,23 @@ def run_demo(
     ensure_writable_dir(run_dir, "run folder")
     ensure_writable_dir(run_dir / cfg.export.registry_dir, "registry folder")
     ensure_writable_dir(run_dir / "checkpoints", "checkpoint folder")
-    echo(f"minutely demo: run folder {run_dir}")
+    echo(f"minutely demo: run folder {run_dir} (models {', '.join(names)})")
     schema = default_schema()
     market = Market(cfg.sim, schema)
     log = open_log(cfg.stream, run_dir)
     registry = Registry(run_dir / cfg.export.registry_dir)
-    model = build_model(model_cfg, schema)
-    trainer = Trainer(model, cfg.train)
     start = cfg.sim.start_ms
     online_start = start + (cfg.demo.days - 1) * MS_PER_DAY
     window_ms = cfg.train.window_s * 1000
     pipe = OnlinePipeline(
         cfg,
-        model_cfg,
         schema,
         log,
         market,
         registry,
-        model,
-        trainer,
         run_dir / "checkpoints",
         start,
+        models=names,
         corrupt_every=cfg.demo.corrupt_every,
         resume=resume,
     )
@@ -188,70 +210,57 @@ def run_demo(
             bar.update()
         timings["history_s"] = time.perf_counter() - t0
 
-        # 2. the day model, on the complete day.
+        # 2. a day model per model, on the complete day.
         t0 = time.perf_counter()
-        bar.set_description("day model: train")
-        day_file = run_dir / "day_model.json"
-        if pipe.exporter.state.base_version is None:
-            day_report = train_batch_mode(
-                trainer, pipe.samples, online_start, cfg.train.day_epochs, cfg.train.seed
-            )
-            base = pipe.exporter.export(
-                model,
-                online_start,
-                trainer.samples_seen,
-                {"train_auc": day_report.train_auc, "train_logloss": day_report.train_logloss},
-                as_base=True,
-            )
-            pipe.checkpoint()  # a resume starts online learning from the trained day model
-            day_model = copy.deepcopy(model).eval()
-            day_info = {
-                "version": base.version,
-                "train_samples": day_report.samples,
-                "train_auc": day_report.train_auc,
-            }
-            day_file.write_text(json.dumps(day_info))
-        else:  # resumed after the day model: the frozen day model is the registry's base
-            day_info = json.loads(day_file.read_text())
-            base, weights = registry.load(
-                model_cfg.name, day_info["version"], expected_fingerprint=None
-            )
-            day_model = build_model(model_cfg, schema)
-            day_model.load_state_dict(weights)
-            day_model.eval()
+        bar.set_description("day models: train")
+        day_info, day_models = _day_models(cfg, pipe, registry, run_dir, online_start)
         timings["day_model_s"] = time.perf_counter() - t0
 
-        # 3. online: the live version serves, the model keeps learning, versions roll out.
+        # 3. online: the live versions serve, the models keep learning, versions roll out.
         t0 = time.perf_counter()
         bar.set_description("day 2: online")
-        live = _hold_to_checkpoint(registry, model_cfg.name, pipe.exporter.state.last_version)
+        live = {
+            name: _hold_to_checkpoint(registry, name, st.exporter.state.last_version)
+            for name, st in pipe.models.items()
+        }
         with ServerProcess(
-            registry.root, [model_cfg.name], run_dir, cfg.serve.poll_interval_s, cfg.serve.host
+            registry.root, names, run_dir, cfg.serve.poll_interval_s, cfg.serve.host
         ) as server:
-            server.wait_for_version(model_cfg.name, live)
+            for name, version in live.items():
+                server.wait_for_version(name, version)
             scorer = ReplayScorer(
-                server, model_cfg.name, day_model, schema, model_cfg.buckets, cfg.demo.score_batch
+                server,
+                market,
+                schema,
+                [ScoredModel(st.cfg, day_models[name]) for name, st in pipe.models.items()],
+                cfg.demo.score_batch,
             )
             # When each version was created (pruned ones too): kept for a resume.
             created_file = run_dir / "created.json"
-            created: dict[str, int] = {base.version: base.created_ms}
+            created: dict[str, dict[str, int]] = {
+                name: {day_info[name]["version"]: day_info[name]["created_ms"]} for name in names
+            }
             if created_file.exists():
-                created.update(json.loads(created_file.read_text()))
+                for name, versions in json.loads(created_file.read_text()).items():
+                    created[name].update(versions)
             for end in online_ticks:
                 saved = scores_dir / f"{end}.npz"
                 if end <= pipe.now_ms:  # replayed before the resume
-                    scorer.scores.load(saved)
+                    scorer.load(saved)
                     bar.update()
                     continue
                 saved.unlink(missing_ok=True)
-                first = (len(scorer.scores.imp_ids), len(scorer.scores.versions))
+                mark = scorer.mark()
                 res = pipe.tick(end, on_events=scorer.score_window)
-                scorer.scores.save_since(saved, *first)
-                if res.exported is not None:
-                    created[res.exported.version] = res.exported.created_ms
+                scorer.save_since(saved, mark)
+                if res.exported:
+                    for name, m in res.exported.items():
+                        created[name][m.version] = m.created_ms
                     replace_atomically(created_file, json.dumps(created).encode())
-                    _hold_to_checkpoint(registry, model_cfg.name, res.exported.version)
-                    server.wait_for_version(model_cfg.name, res.exported.version)
+                    for name, m in res.exported.items():
+                        _hold_to_checkpoint(registry, name, m.version)
+                    for name, m in res.exported.items():
+                        server.wait_for_version(name, m.version)
                 bar.update()
         timings["online_s"] = time.perf_counter() - t0
     finally:
@@ -259,21 +268,151 @@ def run_demo(
         pipe.close()
         log.close()
 
-    # 4. judge both strategies on the last day.
-    s = scorer.scores
-    imp_ids = np.concatenate(s.imp_ids)
-    ts = np.concatenate(s.ts_ms)
-    truth = market.simulate_day(cfg.demo.days - 1)
-    labels = eventual_click_labels(
-        truth.imp_id,
-        truth.imp_ts_ms,
-        truth.click_imp_id,
-        truth.click_ts_ms,
-        model_cfg.attribution_window_s * 1000,
-        imp_ids,
+    # 4. judge both strategies of every model on the last day.
+    models: dict[str, Any] = {}
+    for name, st in pipe.models.items():
+        requests = scorer.scores[name].arrays()
+        mc = st.cfg
+        window_s = mc.attribution_window_s
+        final_s = window_s + mc.correction_horizon_s
+        labels = _eventual_labels(market, mc, requests, cfg.demo.days - 1, window_s)
+        final = _eventual_labels(market, mc, requests, cfg.demo.days - 1, final_s)
+        info = day_info[name]
+        models[name] = {
+            "label": mc.label,
+            "loss": mc.loss,
+            "attribution_window_s": window_s,
+            "correction_horizon_s": mc.correction_horizon_s,
+            "population": POPULATION[mc.label],
+            "judged_on": JUDGED_ON[mc.label].format(window=window_s, what=WINDOW),
+            "requests": len(labels),
+            "day_model": {
+                "version": info["version"],
+                "train_samples": info["train_samples"],
+                "train_auc": info["train_auc"],
+            },
+            **_judge(requests, labels, online_start, created[name]),
+            "final_label": {
+                "judged_on": JUDGED_ON[mc.label].format(window=final_s, what=FINAL),
+                "strategies": {
+                    "day_only": score(requests["day_only"], final),
+                    "online": score(requests["online"], final),
+                },
+            },
+            "samples_trained_online": st.trainer.samples_seen - info["samples_seen"],
+            "versions_exported": st.exporter.state.exported,
+        }
+    timings["total_s"] = time.perf_counter() - t_start
+    stats = pipe.join.stats
+    results: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "models": models,
+        "pipeline": {
+            "raw_events": stats.events,
+            "samples": stats.samples,
+            "dead_letters": stats.dead_letters,
+            "dead_letters_by_reason": stats.dead_letters_by_reason,
+            "late_events": stats.late,
+            "malformed_injected": pipe.source.corrupted,
+            "versions_exported": {n: st.exporter.state.exported for n, st in pipe.models.items()},
+        },
+        "timings_s": timings,
+    }
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    write_plot({n: m["hourly"] for n, m in models.items()}, run_dir / "auc_per_hour.png")
+    echo(format_table(results))
+    echo(f"results: {run_dir / 'results.json'}  plot: {run_dir / 'auc_per_hour.png'}")
+    return results
+
+
+def _day_models(
+    cfg: Config, pipe: OnlinePipeline, registry: Registry, run_dir: Path, online_start: int
+) -> tuple[dict[str, dict[str, Any]], dict[str, CtrModel]]:
+    """Each model's day model, trained on every sample before ``online_start`` and published
+    as its base version (or, after a resume past that point, read back from the registry);
+    returns what ``day_models.json`` records of them and a frozen copy of each."""
+    day_file = run_dir / "day_models.json"
+    info: dict[str, dict[str, Any]] = {}
+    if day_file.exists():
+        info = json.loads(day_file.read_text())
+    frozen: dict[str, CtrModel] = {}
+    trained = False
+    for name, st in pipe.models.items():
+        if st.exporter.state.base_version is None:
+            report = train_batch_mode(
+                st.trainer, st.samples, online_start, cfg.train.day_epochs, cfg.train.seed
+            )
+            base = st.exporter.export(
+                st.model,
+                online_start,
+                st.trainer.samples_seen,
+                {"train_auc": report.train_auc, "train_logloss": report.train_logloss},
+                as_base=True,
+            )
+            info[name] = {
+                "version": base.version,
+                "created_ms": base.created_ms,
+                "samples_seen": st.trainer.samples_seen,
+                "train_samples": report.samples,
+                "train_auc": report.train_auc,
+            }
+            frozen[name] = copy.deepcopy(st.model).eval()
+            trained = True
+        else:  # resumed after the day models: each frozen day model is its model's base
+            if name not in info:
+                raise CheckpointError(
+                    f"resume: {day_file}: expected the day model of {name!r}, got none"
+                )
+            _, weights = registry.load(name, info[name]["version"], expected_fingerprint=None)
+            model = build_model(st.cfg, pipe.schema)
+            model.load_state_dict(weights)
+            frozen[name] = model.eval()
+    if trained:
+        # Recorded before the checkpoint: a resume past the day models always finds them.
+        replace_atomically(day_file, json.dumps(info).encode())
+        pipe.checkpoint()  # a resume starts online learning from the trained day models
+    return info, frozen
+
+
+def _eventual_labels(
+    market: Market,
+    model_cfg: ModelConfig,
+    requests: dict[str, np.ndarray],
+    day: int,
+    window_s: int,
+) -> np.ndarray:
+    """Each request's eventual label over ``window_s``: for a click model, whether the
+    impression (of ``day``) was clicked within it; for a conversion model, whether the clicked
+    impression converted within it after the click (the request's time)."""
+    window_ms = window_s * 1000
+    if model_cfg.label == "click":
+        truth = market.simulate_day(day)
+        return eventual_click_labels(
+            truth.imp_id,
+            truth.imp_ts_ms,
+            truth.click_imp_id,
+            truth.click_ts_ms,
+            window_ms,
+            requests["imp_ids"],
+        )
+    days = np.unique(requests["imp_ids"] // IMP_ID_STRIDE).tolist()
+    traffic = [market.simulate_day(int(d)) for d in days]
+    conv_ids = np.concatenate([t.conv_imp_id for t in traffic] or [np.zeros(0, np.int64)])
+    conv_ts = np.concatenate([t.conv_ts_ms for t in traffic] or [np.zeros(0, np.int64)])
+    return eventual_conversion_labels(
+        conv_ids, conv_ts, window_ms, requests["imp_ids"], requests["ts_ms"]
     )
-    online = np.concatenate(s.online)
-    day_only = np.concatenate(s.day_only)
+
+
+def _judge(
+    requests: dict[str, np.ndarray],
+    labels: np.ndarray,
+    online_start: int,
+    created: dict[str, int],
+) -> dict[str, Any]:
+    """Both strategies over the day, AUC per hour of request time, and the versions served."""
+    online, day_only, ts = requests["online"], requests["day_only"], requests["ts_ms"]
+    versions = [str(v) for v in requests["versions"].tolist()]
     hours = (ts - online_start) // MS_PER_HOUR
     hourly = []
     for h in range(24):
@@ -286,36 +425,11 @@ def run_demo(
                 "online_auc": score(online[m], labels[m])["auc"],
             }
         )
-    timings["total_s"] = time.perf_counter() - t_start
-    stats = pipe.join.stats
-    results: dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "model": model_cfg.name,
-        "impressions_scored": len(imp_ids),
-        "day_model": {
-            "version": day_info["version"],
-            "train_samples": day_info["train_samples"],
-            "train_auc": day_info["train_auc"],
-        },
+    return {
         "strategies": {
             "day_only": {**score(day_only, labels), "versions_served": 1},
-            "online": {**score(online, labels), "versions_served": len(set(s.versions))},
+            "online": {**score(online, labels), "versions_served": len(set(versions))},
         },
         "hourly": hourly,
-        "served": served_versions(s.versions, ts, created),
-        "pipeline": {
-            "raw_events": stats.events,
-            "samples": stats.samples,
-            "dead_letters": stats.dead_letters,
-            "dead_letters_by_reason": stats.dead_letters_by_reason,
-            "late_events": stats.late,
-            "malformed_injected": pipe.source.corrupted,
-            "versions_exported": pipe.exporter.state.exported,
-        },
-        "timings_s": timings,
+        "served": served_versions(versions, ts, created),
     }
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    write_plot(hourly, run_dir / "auc_per_hour.png")
-    echo(format_table(results))
-    echo(f"results: {run_dir / 'results.json'}  plot: {run_dir / 'auc_per_hour.png'}")
-    return results
