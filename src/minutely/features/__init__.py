@@ -16,7 +16,7 @@ impressions back, batch by batch, for the join.
 """
 
 from minutely.features.reader import Lookup, SnapshotReader
-from minutely.features.resolve import FeatureResolver, ResolveStats
+from minutely.features.resolve import FeatureResolver, ResolveStats, open_resolver
 from minutely.features.table import BUCKET_MS, Features, Replica, arrow_schema, resolve_replicas
 from minutely.features.writer import SnapshotWriter, WriteResult
 
@@ -31,5 +31,6 @@ __all__ = [
     "SnapshotWriter",
     "WriteResult",
     "arrow_schema",
+    "open_resolver",
     "resolve_replicas",
 ]

@@ -233,6 +233,7 @@ class SnapshotReader:
         self._next_check = 0.0
         self._closed = False
         self.failovers = 0
+        self.max_failover_s = 0.0  # the longest failover seen (seconds)
         self.failbacks = 0
         self.last_failure: str | None = None
         self._counts = {
@@ -406,6 +407,7 @@ class SnapshotReader:
         """Read the new files of bucket ``number`` from the current replica, failing over to
         the other one when it fails."""
         i = self._current
+        t0 = time.perf_counter()
         try:
             read = self._read_on(i, number, refreshed)
         except ReplicaError as first:
@@ -421,6 +423,10 @@ class SnapshotReader:
                     "feature snapshots: expected a replica to answer, got "
                     f"{first.url}: {first.cause}; {second.url}: {second.cause}"
                 ) from None
+            # From the failed read's start to the other replica's answer: what a failover
+            # cost the caller (bounded by read_timeout_s plus the second read).
+            took = time.perf_counter() - t0
+            self.max_failover_s = max(self.max_failover_s, took)
             i = j
         self._apply(i, number, read)
 
@@ -592,6 +598,7 @@ class SnapshotReader:
             "replica": self.current,
             "failovers": self.failovers,
             "failbacks": self.failbacks,
+            "max_failover_s": round(self.max_failover_s, 3),
             **self._counts,
             "pending": len(self._first_absent),
             "buckets_cached": len(self._buckets),

@@ -29,9 +29,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from minutely.clock import Clock
+from minutely.config import Config
 from minutely.errors import EventError
 from minutely.events import (
     INVALID_IMPRESSION,
@@ -43,6 +46,7 @@ from minutely.events import (
     Impression,
 )
 from minutely.features.reader import SnapshotReader
+from minutely.schema import Schema
 
 _PREFIX = f"{INVALID_IMPRESSION}: "
 
@@ -88,6 +92,10 @@ class FeatureResolver:
         self.max_wait_s = float(max_wait_s)
         self._sleep = sleep
         self.stats = ResolveStats()
+
+    def close(self) -> None:
+        """Close the reader (its replica worker processes)."""
+        self.reader.close()
 
     def resolve(self, events: Sequence[Event]) -> tuple[list[Event | None], dict[int, str]]:
         """``(out, failures)``: ``out[i]`` is ``events[i]``, or for a by-reference impression the
@@ -159,3 +167,16 @@ class FeatureResolver:
             self._sleep(self.poll_s)
             ids = np.array(got.pending, dtype=np.int64)
             ts = np.array([when[r] for r in got.pending], dtype=np.int64)
+
+
+def open_resolver(
+    cfg: Config, schema: Schema, run_dir: Path, clock: Clock | None = None
+) -> FeatureResolver | None:
+    """The resolver a consumer of ``cfg``'s raw topic needs: one over a
+    :class:`~minutely.features.SnapshotReader` of ``cfg.features`` (replicas resolved inside
+    ``run_dir``, missing ids timed on ``clock``, the wall clock by default) when
+    ``features.snapshots`` is on, else ``None``. Close it with :meth:`FeatureResolver.close`."""
+    if not cfg.features.snapshots:
+        return None
+    reader = SnapshotReader.from_config(schema, cfg.features, run_dir, clock)
+    return FeatureResolver(reader, EventValidator.from_config(schema, cfg.ingest))

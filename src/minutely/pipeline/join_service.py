@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from minutely.config import Config
+from minutely.features import open_resolver
 from minutely.join.store import JoinStore
 from minutely.pipeline.join_stage import JoinSettings, PartitionJoin
 from minutely.pipeline.settings import check_settings, output_settings
@@ -58,6 +59,8 @@ class JoinService:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._settings = output_settings(cfg, "join")
         self._join_settings = JoinSettings.from_config(cfg)
+        # Impressions published by reference get their features from the snapshot tables.
+        self._resolver = open_resolver(cfg, self._schema, run_dir)
         self._every_records = checkpoint_every_records
         self._every_s = checkpoint_every_s
         self._poll_records = poll_records
@@ -103,6 +106,8 @@ class JoinService:
             self.parts[p].close()
         self.parts.clear()  # saved: the revocation inside close has nothing left to save
         self._consumer.close()
+        if self._resolver is not None:
+            self._resolver.close()
 
     def abandon(self) -> None:
         """Let every partition go without a checkpoint (after the log failed mid-step, the
@@ -112,6 +117,8 @@ class JoinService:
             part.close()
         self.parts.clear()
         self._consumer.close()
+        if self._resolver is not None:
+            self._resolver.close()
 
     def lag(self) -> int:
         ends = self._consumer.end_offsets()
@@ -152,6 +159,7 @@ class JoinService:
                     p,
                     state=None if state is None else state["join"],
                     store=store,
+                    resolver=self._resolver,
                 )
             except BaseException:
                 store.close()

@@ -61,8 +61,10 @@ from minutely.events import (
     UNJOINABLE_EVENT,
     Event,
     EventValidator,
+    Impression,
     encode_event,
 )
+from minutely.features import FeatureResolver
 from minutely.join import Joiner
 from minutely.join.store import CommitStats, JoinStore
 from minutely.pipeline.appender import ExactlyOnceWriter
@@ -144,12 +146,15 @@ class PartitionJoin:
         state: Mapping[str, Any] | None = None,
         *,
         store: JoinStore | None = None,
+        resolver: FeatureResolver | None = None,
     ) -> None:
         """A fresh partition (``state`` is ``None``; ``store``, if any, is empty) or one resumed
         from ``state``: a :meth:`snapshot`, or, with ``store``, the state its last
-        :meth:`checkpoint` committed there (:meth:`stored_state`)."""
+        :meth:`checkpoint` committed there (:meth:`stored_state`). ``resolver`` fetches the
+        features of impressions published by reference (see :mod:`minutely.features`)."""
         self._log = log
         self._store = store
+        self._resolver = resolver
         self._s = settings
         self._schema = schema
         self.partition = partition
@@ -198,12 +203,18 @@ class PartitionJoin:
         # everything still happens in record order.
         run: list[tuple[Event, int]] = []
         run_records: list[Record] = []
+        parsed: list[Event | str] = []
         for rec in records:
             try:
-                event = parse(rec.value, rec.ts_ms)
+                parsed.append(parse(rec.value, rec.ts_ms))
             except EventError as exc:
+                parsed.append(str(exc))
+        if self._resolver is not None:
+            self._resolve(parsed)
+        for rec, event in zip(records, parsed, strict=True):
+            if isinstance(event, str):  # why the record is a dead letter
                 self._join(run, run_records)
-                self._dead_letter(rec.value, str(exc), _source(rec))
+                self._dead_letter(rec.value, event, _source(rec))
                 continue
             vouched = event.ts_ms if event.ts_ms < rec.ts_ms else rec.ts_ms
             if vouched > clock:
@@ -221,6 +232,21 @@ class PartitionJoin:
             self.position = records[-1].offset + 1
             self.stats.events += len(records)
         self.clock_ms = clock
+
+    def _resolve(self, parsed: list[Event | str]) -> None:
+        """Put the snapshot features into the impressions published by reference, in place
+        (one lookup for the whole batch); one whose snapshot is missing or does not fit becomes
+        the reason of its dead letter. A storage failure of both replicas raises
+        :class:`~minutely.errors.StorageError`: nothing of the batch is joined, and the service
+        resumes from its checkpoint."""
+        assert self._resolver is not None
+        at = [i for i, e in enumerate(parsed) if type(e) is Impression and e.by_reference]
+        if not at:
+            return
+        out, failures = self._resolver.resolve([parsed[i] for i in at])  # type: ignore[misc]
+        for k, i in enumerate(at):
+            event = out[k]
+            parsed[i] = failures[k] if event is None else event
 
     def _join(self, run: list[tuple[Event, int]], records: list[Record]) -> None:
         """Join a run of events (clocked) and empty it; ``records`` are the events' records."""
@@ -444,6 +470,7 @@ class JoinStage:
         *,
         window_ms: int = TrainConfig().window_s * 1000,
         store_dir: Path | None = None,
+        resolver: FeatureResolver | None = None,
     ) -> None:
         self._clock = clock
         self._store_dir = store_dir
@@ -459,9 +486,12 @@ class JoinStage:
             parts: list[Mapping[str, Any] | None] = [None] * n
             if state is not None:
                 parts = _partition_states(state, self._raw, n)
-            self.parts = [PartitionJoin(log, settings, schema, p, parts[p]) for p in range(n)]
+            self.parts = [
+                PartitionJoin(log, settings, schema, p, parts[p], resolver=resolver)
+                for p in range(n)
+            ]
         else:
-            self.parts = _open_stores(log, settings, schema, n, state, store_dir)
+            self.parts = _open_stores(log, settings, schema, n, state, store_dir, resolver)
         self._reader = TopicReader(log, self._raw, {p.partition: p.position for p in self.parts})
 
     @classmethod
@@ -475,6 +505,7 @@ class JoinStage:
         *,
         models: Sequence[ModelConfig] | None = None,
         store_dir: Path | None = None,
+        resolver: FeatureResolver | None = None,
     ) -> JoinStage:
         """The stage ``cfg`` describes, for all its models unless ``models`` names fewer."""
         return cls(
@@ -489,6 +520,7 @@ class JoinStage:
             state,
             window_ms=cfg.train.window_s * 1000,
             store_dir=store_dir,
+            resolver=resolver,
         )
 
     @property
@@ -582,6 +614,7 @@ def _open_stores(
     n: int,
     state: Mapping[str, Any] | None,
     store_dir: Path,
+    resolver: FeatureResolver | None,
 ) -> list[PartitionJoin]:
     """Every partition on its store in ``store_dir``: new ones, or resumed (``state``)."""
     expected = [0] * n
@@ -605,7 +638,9 @@ def _open_stores(
             try:
                 if state is not None:
                     doc = _stored_partition(store, expected[p])
-                parts.append(PartitionJoin(log, settings, schema, p, doc, store=store))
+                parts.append(
+                    PartitionJoin(log, settings, schema, p, doc, store=store, resolver=resolver)
+                )
             except BaseException:
                 store.close()
                 raise

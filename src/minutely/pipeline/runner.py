@@ -25,12 +25,13 @@ from minutely.clock import ReplayClock
 from minutely.config import Config, ModelConfig
 from minutely.errors import CheckpointError, SchemaMismatchError
 from minutely.evaluate import WindowReport
+from minutely.features import open_resolver
 from minutely.model import CtrModel, build_model
 from minutely.pipeline.export import Exporter, ExportState, window_metrics
 from minutely.pipeline.join_stage import JoinStage
 from minutely.pipeline.learner import OnlineLearner, SampleWindows
 from minutely.pipeline.settings import check_settings, output_settings
-from minutely.pipeline.source import SimSource
+from minutely.pipeline.source import SimSource, open_snapshots
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
 from minutely.sim import EventBatch, Market
@@ -92,6 +93,7 @@ class OnlinePipeline:
         models: Sequence[str] | None = None,
         corrupt_every: int = 0,
         resume: bool = False,
+        run_dir: Path | None = None,
     ) -> None:
         names = [m.name for m in cfg.models] if models is None else list(models)
         if not names:
@@ -103,6 +105,8 @@ class OnlinePipeline:
         self.log = log
         self.model_cfgs = [cfg.model(n) for n in names]
         self.checkpoint_dir = checkpoint_dir
+        # Relative feature snapshot replicas live in the run folder.
+        self.run_dir = checkpoint_dir.parent if run_dir is None else run_dir
         self.clock = ReplayClock(start_ms)
         self.now_ms = start_ms
         self.windows_done = 0
@@ -159,7 +163,10 @@ class OnlinePipeline:
             corrupt_every=corrupt_every,
             writer=None if state is None else state["source"]["writer"],
             produced=0 if state is None else int(state["source"]["produced"]),
+            snapshots=open_snapshots(cfg, schema, self.run_dir),
         )
+        # Missing snapshots are timed on the replay's clock.
+        self.resolver = open_resolver(cfg, schema, self.run_dir, self.clock)
         self.join = JoinStage.from_config(
             log,
             cfg,
@@ -168,6 +175,7 @@ class OnlinePipeline:
             None if state is None else state["join"],
             models=self.model_cfgs,
             store_dir=self.checkpoint_dir / "join",  # one store per raw partition
+            resolver=self.resolver,
         )
         self._corrupt_every = corrupt_every
         self.models: dict[str, ModelStages] = {}
@@ -234,10 +242,14 @@ class OnlinePipeline:
         return TickResult(start, end_ms, events, windows, exported)
 
     def close(self) -> None:
-        """Close the stages' readers; the log stays open (the caller owns it)."""
+        """Close the stages' readers and the snapshot tables' clients; the log stays open (the
+        caller owns it)."""
         self.join.close()
         for st in self.models.values():
             st.samples.close()
+        self.source.close()
+        if self.resolver is not None:
+            self.resolver.close()
 
     def checkpoint(self) -> Path:
         state = {

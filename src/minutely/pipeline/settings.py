@@ -38,7 +38,12 @@ _SECTIONS: dict[Stage, tuple[str, ...]] = {
     "train": ("train",),
 }
 _FIELDS: dict[Stage, tuple[str, ...]] = {
-    "simulate": ("stream.partitions", "stream.raw_topic", "demo.corrupt_every"),
+    "simulate": (
+        "stream.partitions",
+        "stream.raw_topic",
+        "demo.corrupt_every",
+        "features.snapshots",  # impressions by reference or with their features
+    ),
     "join": (
         "stream.partitions",
         "stream.raw_topic",

@@ -9,8 +9,8 @@ the next window, and a window written before the kill is verified and not writte
 With ``features.snapshots`` on, each window's impression features are first written to the
 feature snapshot tables (replicas resolved inside the run folder) and the impressions are
 published by reference (see :class:`~minutely.pipeline.source.SimSource`); :meth:`SimulateService.
-close` closes the snapshot writer. Whether snapshots are on is recorded in the checkpoint when
-they are, so a restart that turns them on or off is refused, naming ``features.snapshots``: the
+close` closes the snapshot writer. Whether snapshots are on is one of the checkpoint's
+settings, so a restart that turns them on or off is refused, naming ``features.snapshots``: the
 window it would produce again differs from the messages already in the topic.
 
 Two paces: as fast as possible (replays, benchmarks), or ``rate`` times real time on the clock.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from minutely.sim import Market
 from minutely.stream import Log
 
 STATE = "simulate.json"
-_SNAPSHOTS = "features.snapshots"
 
 
 class SimulateService:
@@ -72,16 +70,8 @@ class SimulateService:
         sim = dataclasses.replace(cfg.sim, start_ms=start)
         self.cfg = dataclasses.replace(cfg, sim=sim)
         self._settings = output_settings(self.cfg, "simulate")
-        if cfg.features.snapshots:  # absent when off: checkpoints from before stay valid
-            self._settings[_SNAPSHOTS] = True
         if state is not None:
             saved = state["settings"]
-            was = saved.get(_SNAPSHOTS, False) if isinstance(saved, Mapping) else False
-            if was != cfg.features.snapshots:
-                raise CheckpointError(
-                    f"simulate checkpoint {self._path} was written with {_SNAPSHOTS}={was!r}, "
-                    f"this run has {_SNAPSHOTS}={cfg.features.snapshots!r}"
-                )
             check_settings(saved, self._settings, f"simulate checkpoint {self._path}")
         self.start_ms = start
         self.end_ms = None if days is None else start + int(days * 86_400_000)
