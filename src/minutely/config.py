@@ -234,7 +234,7 @@ class FeaturesConfig:
     to write more.
     """
 
-    snapshots: bool = False
+    snapshots: bool = True
     replicas: tuple[str, ...] = ("features/primary", "features/secondary")
     storage_options: Mapping[str, str] = field(default_factory=FrozenMap)
     replica_storage_options: tuple[Mapping[str, str], ...] = ()

@@ -13,7 +13,7 @@ from minutely.features import Replica, resolve_replicas
 def test_defaults_name_two_local_replicas_and_write_no_snapshots() -> None:
     cfg = load_config(None).features
     assert cfg == FeaturesConfig()
-    assert cfg.snapshots is False
+    assert cfg.snapshots is True
     assert len(cfg.replicas) == 2
     assert cfg.replicas[0] != cfg.replicas[1]
     assert cfg.storage_options == {}

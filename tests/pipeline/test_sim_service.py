@@ -24,6 +24,7 @@ from minutely.stream import SqliteLog
 
 SMALL = {"sim": {"impressions_per_day": 12_000, "users": 1_000}, "stream": {"partitions": 2}}
 SNAPSHOTS = {**SMALL, "features": {"snapshots": True}}
+INLINE = {**SMALL, "features": {"snapshots": False}}
 
 
 def raw_count(log: SqliteLog) -> int:
@@ -122,7 +123,7 @@ def test_with_snapshots_every_published_impression_has_its_snapshot(tmp_path: Pa
     whole = tmp_path / "inline"
     whole.mkdir()
     ref_log = SqliteLog(whole / "log.sqlite")
-    SimulateService(load_config(None, SMALL), ref_log, whole, ReplayClock(0), days=0.02).run(
+    SimulateService(load_config(None, INLINE), ref_log, whole, ReplayClock(0), days=0.02).run(
         threading.Event()
     )
     inline = raw_events(ref_log)
@@ -184,14 +185,14 @@ def test_a_window_produced_again_duplicates_snapshot_rows_only(tmp_path: Path) -
     ("first", "then", "message"),
     [
         (
-            SMALL,
+            INLINE,
             SNAPSHOTS,
             r"was written with features\.snapshots=False, this run has "
             r"features\.snapshots=True$",
         ),
         (
             SNAPSHOTS,
-            SMALL,
+            INLINE,
             r"was written with features\.snapshots=True, this run has "
             r"features\.snapshots=False$",
         ),
@@ -240,7 +241,7 @@ def test_a_snapshot_writer_of_another_schema_is_refused(tmp_path: Path) -> None:
 def test_sim_source_writes_each_windows_snapshots_with_its_messages(tmp_path: Path) -> None:
     cfg = load_config(None, SNAPSHOTS)
     schema = default_schema()
-    assert open_snapshots(load_config(None, SMALL), schema, tmp_path) is None
+    assert open_snapshots(load_config(None, INLINE), schema, tmp_path) is None
     log = SqliteLog(tmp_path / "log.sqlite")
     log.create_topic("events", 2)
     market = Market(cfg.sim, schema)
