@@ -43,7 +43,7 @@ def small_run() -> dict[str, Any]:
         "--impressions-per-day",
         "300000",
         "--strategies",
-        "oracle,wait_bce,fnw,fnc,no_correction",
+        "oracle,wait_bce,wait_pu,fnw,fnc,no_correction",
     )
 
 
@@ -63,6 +63,19 @@ def test_a_waiting_window_without_corrections_underestimates(small_run: dict[str
     assert s["wait_bce"]["pcoc"] < 0.9
     assert s["wait_bce"]["trained_corrections"] == 0
     assert s["wait_bce"]["trained_positives"] < s["no_correction"]["trained_positives"]
+
+
+@pytest.mark.slow
+def test_pu_corrections_lift_the_waiting_windows_underestimate(small_run: dict[str, Any]) -> None:
+    """The same waiting window with the late conversions as corrections: every correction is a
+    sample the window had trained as a negative, and the pu loss undoes that negative, so the
+    estimate no longer sits at the share of conversions that came within the hour."""
+    s = small_run["strategies"]
+    pu, bce = s["wait_pu"], s["wait_bce"]
+    assert pu["trained_corrections"] > 0
+    assert pu["trained_positives"] == bce["trained_positives"] + pu["trained_corrections"]
+    assert pu["trained_samples"] == bce["trained_samples"] + pu["trained_corrections"]
+    assert pu["pcoc"] > bce["pcoc"] + 0.2
 
 
 @pytest.mark.slow
