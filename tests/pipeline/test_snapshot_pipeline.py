@@ -21,6 +21,7 @@ from pipeline_helpers import SMALL, make_pipeline
 
 from minutely.config import Config, load_config, merge_tables
 from minutely.data import decode_batch
+from minutely.events import Impression, encode_event
 from minutely.schema import default_schema
 from minutely.stream import SqliteLog
 
@@ -122,3 +123,32 @@ def test_primary_lost_mid_stream_fails_over_and_back_building_every_sample_once(
     ]
     assert ids[0] == ids[1]
     assert len(ids[0]) == stats["found"] or len(ids[0]) >= sum(inline["ctr"].values()) // 2
+
+
+def test_an_impression_whose_snapshot_never_comes_is_a_dead_letter_and_the_join_goes_on(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(True, missing_wait_s=0.0)
+    pipe, log = make_pipeline(cfg, tmp_path)
+    try:
+        start = cfg.sim.start_ms
+        pipe.tick(start + HOUR)
+        samples_before = dict(pipe.join.stats.samples)
+        # Three impressions by reference whose request ids no producer ever wrote.
+        strays = [
+            Impression(10**12 + k, start + HOUR + 60_000 * k, {}, 10**12 + k) for k in range(3)
+        ]
+        log.append(
+            cfg.stream.raw_topic,
+            [(imp.imp_id.to_bytes(8, "big"), encode_event(imp), imp.ts_ms) for imp in strays],
+        )
+        pipe.tick(start + 2 * HOUR)
+        dead = pipe.join.stats.dead_letters_by_reason
+        assert dead.get("missing snapshot") == 3
+        assert pipe.join.stats.samples["ctr"] > samples_before["ctr"]  # the rest joined
+        letters = [rec.value for rec in log.read(cfg.stream.dead_letter_topic, 0, 0, 10_000)]
+        missing = [v for v in letters if b"missing snapshot: request_id 1000000000000" in v]
+        assert len(missing) == 1
+    finally:
+        pipe.close()
+        log.close()
