@@ -410,3 +410,20 @@ def test_every_field_of_an_impression_survives_the_store(tmp_path: Path) -> None
     assert stored is not None
     assert stored.imp == held
     store.close()
+
+
+def test_a_creation_cut_short_leaves_no_partial_store_behind(tmp_path: Path) -> None:
+    """A store is built aside and renamed into place: what a process killed while creating one
+    leaves (a half-built ``.creating`` file) is never opened, and the next create replaces it."""
+    import sqlite3
+
+    partial = tmp_path / "p0.sqlite.creating"
+    db = sqlite3.connect(partial)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+    db.commit()
+    db.close()
+    assert not (tmp_path / "p0.sqlite").exists()
+    store = JoinStore.create(tmp_path / "p0.sqlite")
+    store.close()
+    assert not partial.exists()
+    JoinStore.open(tmp_path / "p0.sqlite").close()  # complete: every table, the format

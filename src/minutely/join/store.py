@@ -38,7 +38,7 @@ import msgspec
 
 from minutely.errors import CheckpointError, StorageError
 from minutely.events import Impression
-from minutely.fsutil import describe_os_error
+from minutely.fsutil import describe_os_error, fsync_dir
 
 STORE_FORMAT = 1
 _SHIFT = 1 << 63
@@ -142,32 +142,47 @@ class JoinStore:
 
     @classmethod
     def create(cls, path: Path, *, undo: bool = False) -> JoinStore:
-        """An empty store at ``path``; an earlier store there (and its WAL) is removed."""
+        """An empty store at ``path``; an earlier store there (and its WAL) is replaced.
+
+        The store is built in a temporary file and renamed into place: a process killed while
+        creating it leaves either the earlier file or the complete new one at ``path``, never a
+        store with some of its tables.
+        """
         path = Path(path)
+        tmp = path.with_name(f"{path.name}.creating")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{path}{suffix}")
+            for base in (tmp, path):
+                for suffix in ("-wal", "-shm", "-journal", ""):
+                    if base == path and suffix == "":
+                        continue  # replaced below, once the new store is complete
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{base}{suffix}")
         except OSError as exc:
             raise StorageError(
                 f"join store {path}: cannot create it ({describe_os_error(exc)})"
             ) from exc
         try:
+            db = _connect(tmp)
+            try:
+                db.executescript(
+                    f"BEGIN;{_SCHEMA}INSERT INTO meta VALUES ('format', {int(STORE_FORMAT)}), "
+                    "('generation', 0);COMMIT;"
+                )
+            finally:
+                db.close()  # the last connection: the WAL is folded into the file
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
             db = _connect(path)
         except sqlite3.Error as exc:
             raise StorageError(f"join store {path}: cannot create it ({exc})") from exc
-        store = cls(path, db, undo=undo)
-        try:
-            with store._db:
-                store._db.executescript(_SCHEMA)
-                store._db.execute(
-                    "INSERT INTO meta VALUES ('format', ?), ('generation', 0)", (STORE_FORMAT,)
-                )
-        except sqlite3.Error as exc:
-            store.close()
-            raise StorageError(f"join store {path}: cannot create it ({exc})") from exc
-        return store
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise StorageError(
+                f"join store {path}: cannot create it ({describe_os_error(exc)})"
+            ) from exc
+        return cls(path, db, undo=undo)
 
     @classmethod
     def open(cls, path: Path, *, undo: bool = False) -> JoinStore:
