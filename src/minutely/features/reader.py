@@ -607,7 +607,7 @@ class SnapshotReader:
         }
 
     def close(self) -> None:
-        """Stop the worker threads (a call still running ends on its own)."""
+        """Stop the replicas' worker processes."""
         self._closed = True
         for proc in self._procs:
             proc.close()

@@ -225,16 +225,7 @@ class SnapshotWriter:
             )
         self._rows += batch.num_rows
         for i in committed:
-            self._commits[i] += 1
-            if self._down[i] is not None:
-                logger.warning(
-                    "feature snapshots: replica %s is back, committed %d rows it had missed",
-                    self.replicas[i].url,
-                    self._backlog_rows[i],
-                )
-            self._backlog[i].clear()
-            self._backlog_rows[i] = 0
-            self._down[i] = None
+            self._committed(i)
         for i, cause in causes.items():
             self._backlog[i].append(batch)
             self._backlog_rows[i] += batch.num_rows
@@ -254,18 +245,23 @@ class SnapshotWriter:
             empty = self._backlog[i][0].slice(0, 0)
             failure = self._wait({i: self._send_append(i, empty)}).get(i)
             if failure is None:
-                self._commits[i] += 1
-                logger.warning(
-                    "feature snapshots: replica %s is back, committed %d rows it had missed",
-                    self.replicas[i].url,
-                    self._backlog_rows[i],
-                )
-                self._backlog[i].clear()
-                self._backlog_rows[i] = 0
-                self._down[i] = None
+                self._committed(i)
             else:
                 self._failures[i] += 1
         return self._lagging()
+
+    def _committed(self, i: int) -> None:
+        """Replica ``i`` committed a write, its backlog included: it is up and misses nothing."""
+        self._commits[i] += 1
+        if self._down[i] is not None:
+            logger.warning(
+                "feature snapshots: replica %s is back, committed %d rows it had missed",
+                self.replicas[i].url,
+                self._backlog_rows[i],
+            )
+        self._backlog[i].clear()
+        self._backlog_rows[i] = 0
+        self._down[i] = None
 
     def _send_append(self, i: int, batch: pa.Table) -> ReplicaError | None:
         data = pa.concat_tables([*self._backlog[i], batch]) if self._backlog[i] else batch

@@ -240,10 +240,15 @@ class PartitionJoin:
         :class:`~minutely.errors.StorageError`: nothing of the batch is joined, and the service
         resumes from its checkpoint."""
         assert self._resolver is not None
-        at = [i for i, e in enumerate(parsed) if type(e) is Impression and e.by_reference]
-        if not at:
+        at: list[int] = []
+        refs: list[Event] = []
+        for i, e in enumerate(parsed):
+            if type(e) is Impression and e.by_reference:
+                at.append(i)
+                refs.append(e)
+        if not refs:
             return
-        out, failures = self._resolver.resolve([parsed[i] for i in at])  # type: ignore[misc]
+        out, failures = self._resolver.resolve(refs)
         for k, i in enumerate(at):
             event = out[k]
             parsed[i] = failures[k] if event is None else event
