@@ -49,6 +49,10 @@ def test_manifest_fields_and_types_are_frozen() -> None:
         ("metrics", "dict[str, float]"),
         ("samples_seen", "int"),
         ("files", "dict[str, FileEntry]"),
+        ("mode", "str | None"),
+        ("warm_start", "bool"),
+        ("resume", "dict[str, FileEntry]"),
+        ("resume_positions", "dict[str, int]"),
     ]
     assert [(f.name, f.type) for f in dataclasses.fields(FileEntry)] == [
         ("sha256", "str"),
@@ -91,13 +95,13 @@ def test_non_object_json_is_refused() -> None:
         Manifest.from_json(b"[1, 2]", source="m.json")
 
 
-@pytest.mark.parametrize("mv", [2, 0, "1", None, True])
+@pytest.mark.parametrize("mv", [3, 0, "1", None, True])
 def test_unsupported_manifest_version_is_refused(mv: object) -> None:
     doc = json.loads(_manifest().to_json())
     doc["manifest_version"] = mv
     with pytest.raises(
         ArtifactError,
-        match=rf"m\.json: unsupported manifest_version: expected one of \[1\], got {mv!r}",
+        match=rf"m\.json: unsupported manifest_version: expected one of \[1, 2\], got {mv!r}",
     ):
         Manifest.from_json(json.dumps(doc).encode(), source="m.json")
 
@@ -155,3 +159,24 @@ def test_docstring_examples_run(module: object) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_version_1_manifest_reads_with_no_resume_state() -> None:
+    doc = json.loads(_manifest().to_json())
+    for name in ("mode", "warm_start", "resume", "resume_positions"):
+        del doc[name]
+    doc["manifest_version"] = 1
+    m = Manifest.from_json(json.dumps(doc).encode())
+    assert (m.mode, m.warm_start, m.resume, m.resume_positions) == (None, False, {}, {})
+
+
+def test_warm_start_fields_round_trip() -> None:
+    m = _manifest(
+        mode="day",
+        warm_start=True,
+        resume={"training_state.bin": FileEntry(sha256="cd" * 32, bytes=99)},
+        resume_positions={"0": 12, "1": 7},
+    )
+    assert Manifest.from_json(m.to_json()) == m
+    doc = json.loads(m.to_json())
+    assert doc["resume"] == {"training_state.bin": {"sha256": "cd" * 32, "bytes": 99}}

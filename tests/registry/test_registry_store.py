@@ -298,7 +298,7 @@ def test_unsupported_manifest_version_names_the_file(reg: Registry) -> None:
     path = _rewrite_manifest(reg, m, manifest_version=99)
     with pytest.raises(
         ArtifactError,
-        match=rf"^{path}: unsupported manifest_version: expected one of \[1\], got 99",
+        match=rf"^{path}: unsupported manifest_version: expected one of \[1, 2\], got 99",
     ):
         reg.load("ctr", m.version, expected_fingerprint=FP)
 
@@ -546,3 +546,40 @@ def test_a_prune_on_a_read_only_file_system_names_the_version(
         reg.prune("ctr", keep=1)
     monkeypatch.undo()
     assert reg.versions("ctr") == ["v00000001", "v00000002"]
+
+
+def test_warm_start_version_carries_its_resume_state(reg: Registry) -> None:
+    plain = _publish(reg, seed=1, mode="online")
+    warm = _publish(
+        reg,
+        seed=2,
+        mode="day",
+        warm_start=True,
+        resume={"training_state.bin": b"state-bytes"},
+        resume_positions={0: 12, 3: 40},
+    )
+    assert (warm.mode, warm.warm_start, warm.resume_positions) == ("day", True, {"0": 12, "3": 40})
+    assert reg.manifest("ctr", warm.version) == warm
+    manifest, blobs = reg.load_resume("ctr", warm.version)
+    assert manifest == warm
+    assert blobs == {"training_state.bin": b"state-bytes"}
+    assert reg.warm_start_versions("ctr") == [warm.version]
+    # Serving reads the weights only; the resume files are not among the served files.
+    assert set(reg.load("ctr", warm.version, expected_fingerprint=FP)[0].files) == {WEIGHTS_FILE}
+    with pytest.raises(ArtifactError, match=r"resume: expected the trainer state .* got none"):
+        reg.load_resume("ctr", plain.version)
+
+
+def test_changed_resume_file_is_refused(reg: Registry) -> None:
+    warm = _publish(reg, warm_start=True, resume={"training_state.bin": b"state-bytes"})
+    path = reg.root / "ctr" / warm.version / "training_state.bin"
+    path.write_bytes(b"state-bytez")
+    with pytest.raises(ChecksumMismatchError, match=rf"^{path}: expected sha256 "):
+        reg.load_resume("ctr", warm.version)
+
+
+@pytest.mark.parametrize("name", [WEIGHTS_FILE, MANIFEST_FILE, "../x", ".hidden", "a/b"])
+def test_resume_file_names_must_be_plain(reg: Registry, name: str) -> None:
+    with pytest.raises(ArtifactError, match=r"resume: expected plain file names other than"):
+        _publish(reg, resume={name: b"x"})
+    assert reg.versions("ctr") == []

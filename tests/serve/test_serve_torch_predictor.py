@@ -18,10 +18,11 @@ from minutely.config import ModelConfig
 from minutely.data import instances_to_tensors
 from minutely.errors import ArtifactError, SchemaError, SchemaMismatchError
 from minutely.model import CtrModel, build_model
+from minutely.model.artifact import model_config_from_manifest
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema, default_schema
 from minutely.serve import create_app, torch_factory
-from minutely.serve.torch_predictor import TorchPredictor, model_config_from_manifest
+from minutely.serve.torch_predictor import TorchPredictor
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx`", StarletteDeprecationWarning)

@@ -7,6 +7,13 @@ and its fingerprint, quality metrics, and the sha256 and size of every other fil
 is a public contract, frozen by a schema test; a reader refuses a ``manifest_version`` it does not
 know.
 
+Version 2 adds what a training run needs to continue from a version: ``mode`` (``"day"``,
+``"hour"`` or ``"online"``: the trainer mode that produced it), ``warm_start`` (a batch model
+that online training restarts from, the rollback target), ``resume`` (files in the version
+folder with the trainer state that resumes it: weights and optimizer state; servers never read
+them) and ``resume_positions`` (the samples stream's positions, partition -> offset, the state
+covers). A version-1 manifest reads with those fields empty.
+
 >>> m = Manifest(
 ...     manifest_version=1, model="ctr", version="v00000001", parent=None, base=None,
 ...     created_ms=1_000, arch="lr", model_config={"arch": "lr"},
@@ -21,15 +28,15 @@ True
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from minutely.errors import ArtifactError
 
-MANIFEST_VERSION = 1
-SUPPORTED_MANIFEST_VERSIONS: frozenset[int] = frozenset({1})
+MANIFEST_VERSION = 2
+SUPPORTED_MANIFEST_VERSIONS: frozenset[int] = frozenset({1, 2})
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -88,6 +95,10 @@ class Manifest:
     metrics: dict[str, float]
     samples_seen: int
     files: dict[str, FileEntry]
+    mode: str | None = None
+    warm_start: bool = False
+    resume: dict[str, FileEntry] = field(default_factory=dict)
+    resume_positions: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         """Indented JSON, fields in declaration order (stable bytes for the same manifest)."""

@@ -84,6 +84,7 @@ logger = logging.getLogger(__name__)
 
 POINTER_FILE = "serving.json"
 _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _MAX_PUBLISH_RACES = 1_000
 _ENCODER = msgspec.json.Encoder()
 _LEFTOVER_PREFIXES = (".tmp-", ".trash-")
@@ -126,11 +127,19 @@ class Registry:
         samples_seen: int,
         parent: str | None = None,
         base: str | None = None,
+        mode: str | None = None,
+        warm_start: bool = False,
+        resume: Mapping[str, bytes] | None = None,
+        resume_positions: Mapping[int, int] | None = None,
     ) -> Manifest:
         """Write a new version of ``model`` atomically and return its manifest.
 
         ``created_ms`` is the event time the weights reflect; ``parent`` and ``base`` name the
-        versions it descends from. Metrics must be finite (JSON has no NaN).
+        versions it descends from. Metrics must be finite (JSON has no NaN). ``mode`` names the
+        trainer mode that produced it and ``warm_start`` marks a version online training restarts
+        from; ``resume`` (file name -> bytes) is the trainer state that continues it, written
+        beside the weights and read only by :meth:`load_resume`, with ``resume_positions`` the
+        samples stream positions that state covers.
         """
         mdir = self._model_dir(model)
         for what, ref in (("parent", parent), ("base", base)):
@@ -149,6 +158,13 @@ class Registry:
                 f"publish {model!r}: model_config: expected JSON-serializable values ({exc})"
             ) from exc
         prepared = _prepare_tensors(model, tensors)
+        resume_blobs = dict(resume or {})
+        for name in resume_blobs:
+            if name in (WEIGHTS_FILE, MANIFEST_FILE) or not _PLAIN_NAME_RE.match(name):
+                raise ArtifactError(
+                    f"publish {model!r}: resume: expected plain file names other than "
+                    f"{WEIGHTS_FILE} and {MANIFEST_FILE}, got {name!r}"
+                )
 
         if model not in self._writable:
             ensure_writable_dir(mdir, f"registry folder of {model!r}")
@@ -169,6 +185,12 @@ class Registry:
                 raise StorageError(f"{weights}: expected to write the weights, got {exc}") from exc
             fsync_file(weights)
             digest, size = sha256_file(weights)
+            resume_entries: dict[str, FileEntry] = {}
+            for name, blob in resume_blobs.items():
+                write_file_durably(tmp / name, blob)
+                resume_entries[name] = FileEntry(
+                    sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob)
+                )
             for _ in range(_MAX_PUBLISH_RACES):
                 version = format_version(self._next_number(model))
                 manifest = Manifest(
@@ -185,6 +207,10 @@ class Registry:
                     metrics=clean_metrics,
                     samples_seen=int(samples_seen),
                     files={WEIGHTS_FILE: FileEntry(sha256=digest, bytes=size)},
+                    mode=mode,
+                    warm_start=warm_start,
+                    resume=resume_entries,
+                    resume_positions={str(p): int(o) for p, o in (resume_positions or {}).items()},
                 )
                 write_file_durably(tmp / MANIFEST_FILE, manifest.to_json())
                 fsync_dir(tmp)
@@ -356,6 +382,36 @@ class Registry:
                 f"{vdir / WEIGHTS_FILE}: expected safetensors data, got an unreadable file ({exc})"
             ) from exc
         return manifest, tensors
+
+    def load_resume(self, model: str, version: str) -> tuple[Manifest, dict[str, bytes]]:
+        """The verified ``resume`` files of one version (the trainer state that continues it);
+        :class:`ArtifactError` when the version has none."""
+        vdir = self._version_dir(model, version)
+        manifest = self.manifest(model, version)
+        if not manifest.resume:
+            raise ArtifactError(
+                f"{vdir / MANIFEST_FILE}: resume: expected the trainer state that continues "
+                f"{model} {version}, got none (only warm-start versions carry one)"
+            )
+        blobs: dict[str, bytes] = {}
+        for name, entry in manifest.resume.items():
+            if not _PLAIN_NAME_RE.match(name) or name in (WEIGHTS_FILE, MANIFEST_FILE):
+                raise ArtifactError(
+                    f"{vdir / MANIFEST_FILE}: resume: expected plain file names, got {name!r}"
+                )
+            blobs[name] = _read_verified(vdir / name, entry)
+        return manifest, blobs
+
+    def warm_start_versions(self, model: str) -> list[str]:
+        """The versions of ``model`` marked ``warm_start``, oldest first (unreadable skipped)."""
+        out = []
+        for version in self.versions(model):
+            try:
+                if self.manifest(model, version).warm_start:
+                    out.append(version)
+            except ArtifactError:
+                continue
+        return out
 
     # --- paths --------------------------------------------------------------------------------
 

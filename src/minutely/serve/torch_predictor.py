@@ -2,8 +2,8 @@
 
 Request instances become a :class:`~minutely.data.tensors.TensorBatch` through
 :func:`~minutely.data.instances_to_tensors` (same hashing into buckets as training) and are scored
-by the model that :func:`~minutely.model.build_model` builds from the manifest's model config and
-feature schema, with the artifact's tensors loaded into it.
+by the model :func:`~minutely.model.artifact.model_from_artifact` rebuilds from the manifest's
+model config and feature schema, with the artifact's tensors loaded into it.
 
 >>> import dataclasses, torch
 >>> from minutely.config import ModelConfig
@@ -25,45 +25,15 @@ feature schema, with the artifact's tensors loaded into it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from minutely.config import ModelConfig
 from minutely.data import instances_to_tensors
-from minutely.errors import ArtifactError, SchemaError
-from minutely.model import CtrModel, build_model
+from minutely.model import CtrModel
+from minutely.model.artifact import model_from_artifact
 from minutely.registry import Manifest
 from minutely.schema import Schema
-
-_MODEL_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
-
-
-def model_config_from_manifest(manifest: Manifest) -> ModelConfig:
-    """The :class:`ModelConfig` an artifact was trained with; :class:`ArtifactError` if unusable.
-
-    Unknown fields are refused rather than dropped: a server must not build a model that differs
-    from the one that was trained.
-    """
-    where = f"{manifest.model} {manifest.version}: model_config"
-    doc = dict(manifest.model_config)
-    unknown = sorted(set(doc) - _MODEL_CONFIG_FIELDS)
-    if unknown:
-        raise ArtifactError(
-            f"{where}: expected fields of ModelConfig, got unknown fields {unknown}"
-        )
-    if isinstance(doc.get("hidden"), list):
-        doc["hidden"] = tuple(doc["hidden"])
-    try:
-        cfg = ModelConfig(**doc)
-    except TypeError as exc:
-        raise ArtifactError(f"{where}: expected ModelConfig fields, got {doc} ({exc})") from exc
-    if cfg.arch != manifest.arch:
-        raise ArtifactError(
-            f"{where}: arch {cfg.arch!r} differs from the manifest's arch {manifest.arch!r}"
-        )
-    return cfg
 
 
 class TorchPredictor:
@@ -82,14 +52,8 @@ class TorchPredictor:
         cls, manifest: Manifest, tensors: Mapping[str, torch.Tensor]
     ) -> TorchPredictor:
         """Build the manifest's model and load ``tensors`` into it (key set and shapes checked)."""
-        try:
-            schema = Schema.from_dict(manifest.feature_schema)
-        except SchemaError as exc:
-            raise ArtifactError(f"{manifest.model} {manifest.version}: {exc}") from exc
-        cfg = model_config_from_manifest(manifest)
-        model = build_model(cfg, schema)
-        model.load_flat_state_dict(tensors)
-        return cls(model, schema, cfg.buckets)
+        model = model_from_artifact(manifest, tensors)
+        return cls(model, model.schema, model.cfg.buckets)
 
     def predict(self, instances: Sequence[Mapping[str, object]]) -> list[float]:
         """One probability per instance; :class:`SchemaError` naming a bad instance's feature."""
