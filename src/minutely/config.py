@@ -161,6 +161,13 @@ class ModelConfig:
     sample goes out at once as a negative and its action, when it comes within the horizon, as a
     positive duplicate (what the ``fnw`` and ``fnc`` losses are built for). ``loss`` names the
     training objective (see :mod:`minutely.train.losses`).
+
+    During online training the loss is ``(1 - distill_alpha) * loss + distill_alpha *
+    BCE(model, day model)``: the current day (warm-start) model is a frozen teacher that keeps the
+    online model from forgetting what the day taught it (0 turns it off). With
+    ``freeze_hour_level`` the parameters that read only hour-level features (see
+    :func:`minutely.model.model_groups`) keep the day model's values online: no gradient, no
+    optimizer state.
     """
 
     name: str = "ctr"
@@ -172,6 +179,8 @@ class ModelConfig:
     embedding_dim: int = field(default=16, metadata=_range(1, 1024))
     buckets: int = field(default=1 << 15, metadata=_range(2))  # hashed rows per sparse feature
     hidden: tuple[int, ...] = (128, 64)
+    distill_alpha: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    freeze_hour_level: bool = True
 
     @property
     def samples_topic(self) -> str:
@@ -190,11 +199,71 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """When the batch (day or hour) model is trained and the online model restarts from it.
+
+    Every ``cadence`` period, ``at_s`` seconds into it on the event-time clock (the cut), the
+    batch model trains on every sample released since the previous cut (labels final for their
+    attribution window), is published as a warm-start version, and, with ``online``, the online
+    model restarts from its weights and optimizer state at the cut's stream positions. Without
+    ``online`` the batch model alone serves until the next cut (the day-only or hourly
+    strategy).
+    """
+
+    cadence: Literal["day", "hour"] = "day"
+    at_s: int = field(default=0, metadata=_range(0))
+    online: bool = True
+
+    @property
+    def period_s(self) -> int:
+        return 86_400 if self.cadence == "day" else 3_600
+
+
+@dataclass(frozen=True)
 class ExportConfig:
+    """When the online model publishes, and the gate a candidate must pass.
+
+    A version is due every ``every_min`` event-time minutes once ``min_samples`` samples have
+    been trained on since the last export and ``min_trained_min`` minutes of stream since the
+    last warm start. With ``gate``, the candidate is scored against the live version on the
+    newest window, held back from its training, and published only if its AUC is at most
+    ``gate_max_auc_drop`` below the live version's and its PCOC within ``[gate_pcoc_min,
+    gate_pcoc_max]``; a window with fewer than ``gate_min_positives`` positives cannot judge AUC.
+    """
+
     every_min: int = field(default=10, metadata=_range(1))
     min_samples: int = field(default=1_000, metadata=_range(0))
+    min_trained_min: int = field(default=10, metadata=_range(0))
     registry_dir: str = "registry"
     keep_versions: int = field(default=24, metadata=_range(1))  # plus base and pinned ones
+    gate: bool = True
+    gate_max_auc_drop: float = field(default=0.02, metadata=_range(0.0, 1.0))
+    gate_pcoc_min: float = field(default=0.75, metadata=_range(0.0))
+    gate_pcoc_max: float = field(default=1.33, metadata=_range(0.0))
+    gate_min_positives: int = field(default=20, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Quality and progress of the live version, and automatic rollback.
+
+    Each trained window's samples (labels matured over their attribution window) are scored by
+    the live version and by the latest warm-start version; judged over the last ``windows``
+    windows once they hold ``min_positives`` positives, the live version is an anomaly when its
+    AUC is more than ``max_auc_drop`` below the warm-start version's or its PCOC is outside
+    ``[pcoc_min, pcoc_max]``; the pipeline is stalled when no window was trained for
+    ``stall_timeout_s`` on the service's clock. With ``rollback``, an anomaly points serving back
+    to the warm-start version and restarts online training from it.
+    """
+
+    enabled: bool = True
+    rollback: bool = True
+    windows: int = field(default=6, metadata=_range(1))
+    min_positives: int = field(default=50, metadata=_range(1))
+    max_auc_drop: float = field(default=0.03, metadata=_range(0.0, 1.0))
+    pcoc_min: float = field(default=0.7, metadata=_range(0.0))
+    pcoc_max: float = field(default=1.4, metadata=_range(0.0))
+    stall_timeout_s: float = field(default=1_800.0, metadata=_range(1.0))
 
 
 @dataclass(frozen=True)
@@ -341,7 +410,9 @@ class Config:
     join: JoinConfig = JoinConfig()
     models: tuple[ModelConfig, ...] = field(default_factory=_default_models)
     train: TrainConfig = TrainConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     export: ExportConfig = ExportConfig()
+    monitor: MonitorConfig = MonitorConfig()
     serve: ServeConfig = ServeConfig()
     demo: DemoConfig = DemoConfig()
     features: FeaturesConfig = FeaturesConfig()
@@ -383,6 +454,25 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError("models", "unique model names", names)
     for m in cfg.models:
         check_model(m)
+    if cfg.schedule.at_s >= cfg.schedule.period_s:
+        raise ConfigError(
+            "schedule.at_s",
+            f"int < {cfg.schedule.period_s} (seconds into each {cfg.schedule.cadence})",
+            cfg.schedule.at_s,
+        )
+    if cfg.schedule.at_s % cfg.train.window_s:
+        raise ConfigError(
+            "schedule.at_s",
+            f"a multiple of train.window_s ({cfg.train.window_s}): a cut ends a window",
+            cfg.schedule.at_s,
+        )
+    for section, lo, hi in (
+        ("export", cfg.export.gate_pcoc_min, cfg.export.gate_pcoc_max),
+        ("monitor", cfg.monitor.pcoc_min, cfg.monitor.pcoc_max),
+    ):
+        if not lo < hi:
+            prefix = "gate_" if section == "export" else ""
+            raise ConfigError(f"{section}.{prefix}pcoc_max", f"float > {prefix}pcoc_min ({lo})", hi)
     demo = cfg.demo.models
     if demo is not None:
         unknown = [n for n in demo if n not in names]

@@ -9,6 +9,7 @@ from minutely.train.checkpoint import (
 )
 from minutely.train.losses import (
     BCELoss,
+    DistilledLoss,
     FNCLoss,
     FNWLoss,
     Loss,
@@ -20,12 +21,14 @@ from minutely.train.losses import (
     register_loss,
 )
 from minutely.train.optim import RowSparseAdam
-from minutely.train.trainer import DENSE, SPARSE, Trainer, TrainerState
+from minutely.train.state import TrainingState
+from minutely.train.trainer import DENSE, SPARSE, Trainer, TrainerState, frozen_names
 
 __all__ = [
     "DENSE",
     "SPARSE",
     "BCELoss",
+    "DistilledLoss",
     "FNCLoss",
     "FNWLoss",
     "Loss",
@@ -33,8 +36,10 @@ __all__ = [
     "RowSparseAdam",
     "Trainer",
     "TrainerState",
+    "TrainingState",
     "bce_loss",
     "checkpoint_tensors",
+    "frozen_names",
     "latest_checkpoint",
     "load_checkpoint",
     "load_latest_checkpoint",

@@ -13,6 +13,9 @@ exists for every value of :attr:`~minutely.config.ModelConfig.loss`:
 ``fnc``   fake negative calibration: BCE, served through a calibration (:class:`FNCLoss`)
 ========  ==================================================================================
 
+Any of them can be wrapped in :class:`DistilledLoss`, which mixes in a frozen teacher model's
+predictions (distillation from the day model).
+
 ``pu``, ``fnw`` and ``fnc`` are those of Ktena et al. (2019), "Addressing delayed feedback for
 continuous training with neural networks in CTR prediction" (RecSys). ``pu`` suits any
 attribution window; ``fnw`` and ``fnc`` assume attribution window 0, where every sample goes out
@@ -180,6 +183,55 @@ class FNCLoss:
     def __call__(self, logits: Tensor, batch: TensorBatch) -> Tensor:
         _check_logits("fnc", logits, batch)
         return bce_loss(logits, batch.labels)
+
+
+class DistilledLoss:
+    """``(1 - alpha) * base(logits, batch) + alpha * BCE(logits, sigmoid(teacher(batch)))``.
+
+    ``teacher`` maps a batch to the teacher's logits ``[B]`` (a frozen
+    :class:`~minutely.model.CtrModel`, say the day model); its soft target ``sigmoid(teacher
+    logits)`` is computed under ``torch.no_grad()``, so no gradient ever reaches the teacher.
+    The distillation term is ``binary_cross_entropy_with_logits(logits, target)``, the mean over
+    the ``B`` rows, on the student's logits: it pulls the student towards what the teacher
+    predicts and costs one teacher forward pass per batch. Student and teacher logits are of the
+    same space (both trained with ``fnc``, or both not), so the target needs no calibration, and
+    the wrapper composes with every base loss: its corrections, weights and checks are the
+    base's own.
+
+    With ``alpha == 0`` the result is ``base(logits, batch)`` itself, bit for bit, and the
+    teacher is not run. Raises ``ValueError`` for ``alpha`` outside ``[0, 1]`` and for teacher
+    logits of another shape than the student's.
+
+    >>> from minutely.model import synthetic_batch
+    >>> from minutely.schema import default_schema
+    >>> batch = synthetic_batch(default_schema(), 4, buckets=16, seed=0)
+    >>> teacher = lambda b: torch.zeros(len(b))  # predicts 0.5 everywhere
+    >>> loss = DistilledLoss(BCELoss(), teacher, alpha=1.0)
+    >>> round(float(loss(torch.zeros(4), batch)), 4)  # BCE of 0.5 against 0.5
+    0.6931
+    """
+
+    def __init__(self, base: Loss, teacher: Callable[[TensorBatch], Tensor], alpha: float) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"DistilledLoss: expected alpha in [0, 1], got {alpha!r}")
+        self.base = base
+        self.teacher = teacher
+        self.alpha = float(alpha)
+
+    def __call__(self, logits: Tensor, batch: TensorBatch) -> Tensor:
+        base = self.base(logits, batch)
+        if self.alpha == 0.0:
+            return base
+        with torch.no_grad():
+            teacher_logits = self.teacher(batch)
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(
+                f"distillation: expected teacher logits of the student's shape "
+                f"{list(logits.shape)}, got {list(teacher_logits.shape)}"
+            )
+        target = torch.sigmoid(teacher_logits.detach().to(logits.dtype))
+        distill = F.binary_cross_entropy_with_logits(logits, target)
+        return (1.0 - self.alpha) * base + self.alpha * distill
 
 
 _LOSSES: dict[str, Callable[..., Loss]] = {
