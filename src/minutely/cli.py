@@ -12,6 +12,7 @@ import logging
 import sys
 import tomllib
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,20 @@ def _parser() -> argparse.ArgumentParser:
     join = sub.add_parser("join", help="join raw events into samples (a consumer-group member)")
     _service_options(join)
     join.add_argument("--name", default="join", help="this member's status name")
-    train = sub.add_parser("train", help="train one model online and export versions")
+    train = sub.add_parser(
+        "train", help="train one model: online (a service) or a day/hour batch run"
+    )
     _service_options(train)
     train.add_argument("--model", required=True, help="the model's name in the config")
+    train.add_argument(
+        "--mode",
+        choices=("online", "day", "hour"),
+        default="online",
+        help="online: the stream, with the schedule's cuts (default); day/hour: one batch run "
+        "over the samples released in [--start, --end), published as a warm-start version",
+    )
+    train.add_argument("--end", help="batch run: end of the range (ISO 8601 UTC or epoch ms)")
+    train.add_argument("--start", help="batch run: start of the range (default: --end - period)")
     train.add_argument(
         "--audit", action="store_true", help="record what each window trained on (tests)"
     )
@@ -112,6 +124,24 @@ def load_cli_config(args: argparse.Namespace) -> Config:
         kafka = {"backend": "kafka", "bootstrap_servers": args.kafka}
         overrides = merge_tables(overrides, {"stream": kafka})
     return load_config(args.config, overrides)
+
+
+def parse_time(text: str, name: str) -> int:
+    """Epoch milliseconds from ``text``: an integer (epoch ms) or an ISO 8601 time (UTC unless
+    it names its offset).
+
+    >>> parse_time("2026-01-02T00:00:00Z", "--end"), parse_time("1767312000000", "--end")
+    (1767312000000, 1767312000000)
+    """
+    if text.strip().lstrip("-").isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(name, "epoch milliseconds or an ISO 8601 time", text) from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,7 +182,27 @@ def _service(cfg: Config, args: argparse.Namespace) -> int:
         )
     elif args.command == "join":
         commands.run_join(cfg, run_dir, clock, stop, name=args.name)
+    elif args.command == "train" and args.mode != "online":
+        if args.end is None:
+            raise ConfigError("--end", f"the end of the {args.mode} range", None)
+        outcome = commands.run_batch(
+            cfg,
+            run_dir,
+            model=args.model,
+            mode=args.mode,
+            end_ms=parse_time(args.end, "--end"),
+            start_ms=None if args.start is None else parse_time(args.start, "--start"),
+        )
+        r, m = outcome.report, outcome.version
+        print(
+            f"{args.model} {args.mode} model: {r.samples} samples, train AUC {r.train_auc:.4f}, "
+            f"published {m.version} (warm start)"
+        )
     elif args.command == "train":
+        if args.end is not None or args.start is not None:
+            raise ConfigError(
+                "--end", "no range for --mode online (it follows the stream)", args.end
+            )
         commands.run_train(cfg, run_dir, clock, stop, model=args.model, audit=args.audit)
     elif args.command == "up":
         from minutely.pipeline.up import run_up

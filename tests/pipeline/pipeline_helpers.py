@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from minutely.config import Config, load_config
 from minutely.pipeline.runner import OnlinePipeline
@@ -45,9 +46,10 @@ def make_pipeline(
     corrupt_every: int = 0,
     resume: bool = False,
     models: list[str] | None = None,
+    **options: Any,
 ) -> tuple[OnlinePipeline, SqliteLog]:
     """The pipeline of every model in ``cfg`` (or of ``models``) over a SQLite log in
-    ``run_dir``, models built from seed 0."""
+    ``run_dir``, models built from seed 0; ``options`` go to :class:`OnlinePipeline`."""
     import torch
 
     torch.manual_seed(0)
@@ -65,5 +67,6 @@ def make_pipeline(
         models=models,
         corrupt_every=corrupt_every,
         resume=resume,
+        **options,
     )
     return pipe, log

@@ -1,4 +1,5 @@
-"""The service commands behind ``minutely simulate | join | train``.
+"""The service commands behind ``minutely simulate | join | train``, and ``minutely train --mode
+day|hour``, a one-off batch run.
 
 Each opens the log the configuration names (the embedded SQLite file in the run folder, or a
 Kafka cluster), resumes from whatever checkpoints the run folder holds (refusing ones written
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -24,9 +25,12 @@ from minutely.clock import Clock
 from minutely.config import Config
 from minutely.errors import StreamError
 from minutely.pipeline.join_service import JoinService
+from minutely.pipeline.model_loop import CutOutcome, run_batch_mode
 from minutely.pipeline.services import serve_loop
 from minutely.pipeline.sim_service import SimulateService
 from minutely.pipeline.train_service import TrainService
+from minutely.registry import Registry
+from minutely.schema import default_schema
 from minutely.stream import Log, open_log
 
 _log = logging.getLogger("minutely")
@@ -167,3 +171,31 @@ def run_train(
         return Running(lambda: svc.step(0.2), status, finish, svc.close)
 
     supervise(f"train-{model}", build, cfg, run_dir, clock, stop)
+
+
+def run_batch(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    model: str,
+    mode: Literal["day", "hour"],
+    end_ms: int,
+    start_ms: int | None,
+) -> CutOutcome:
+    """``minutely train --mode day|hour``: one batch run over the run folder's samples log
+    (see :func:`~minutely.pipeline.model_loop.run_batch_mode`)."""
+    torch.set_num_threads(1)
+    log = open_log(cfg.stream, run_dir)
+    try:
+        return run_batch_mode(
+            cfg,
+            model,
+            default_schema(),
+            log,
+            Registry(run_dir / cfg.export.registry_dir),
+            mode=mode,
+            end_ms=end_ms,
+            start_ms=start_ms,
+        )
+    finally:
+        log.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +47,13 @@ def final_labels(table: pa.Table) -> pa.Table:
 
 
 def train_batch_mode(
-    trainer: Trainer, windows: SampleWindows, end_ms: int, epochs: int, seed: int
+    trainer: Trainer,
+    windows: SampleWindows,
+    end_ms: int,
+    epochs: int,
+    seed: int,
+    *,
+    on_table: Callable[[pa.Table], None] | None = None,
 ) -> BatchModeReport:
     """Train on every sample emitted before ``end_ms`` not yet read, ``epochs`` shuffled passes.
 
@@ -55,11 +62,13 @@ def train_batch_mode(
     predicts 0.5, and a day model of a rare action (a conversion after a click, a few percent)
     would otherwise spend its few steps walking down from there. The first pass is scored
     test-then-train, so ``train_auc`` is a progressive validation figure rather than a fit to
-    data already seen.
+    data already seen. ``on_table`` sees the slice as read, before its labels are made final.
     """
     table = windows.read_table(end_ms)
     if table is None:
         return BatchModeReport(0, epochs, 0, float("nan"), float("nan"))
+    if on_table is not None:
+        on_table(table)
     table = final_labels(table)
     if trainer.steps == 0:
         rate = pc.mean(table["label"]).as_py()

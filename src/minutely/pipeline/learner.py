@@ -59,12 +59,22 @@ class SampleWindows:
         self._poll_records = poll_records
         self._dead = dead_letters
         self._topic = model.samples_topic
-        n = log.partitions(self._topic)
-        start = dict(positions or {})
+        self._log = log
+        self._n = log.partitions(self._topic)
         self._consumer = log.consumer(self._topic)
-        self._consumer.assign({p: int(start.get(p, 0)) for p in range(n)})
-        self._buf: dict[int, deque[Record]] = {p: deque() for p in range(n)}
-        self._front: dict[int, int | None] = dict.fromkeys(range(n))
+        self._buf: dict[int, deque[Record]] = {}
+        self._front: dict[int, int | None] = {}
+        self.seek(positions or {})
+
+    def seek(self, positions: Mapping[int, int]) -> None:
+        """Read on from ``positions`` (partition -> offset; 0 where absent), forgetting what
+        was read ahead: what a model restarting from another's state at its positions does."""
+        start = dict(positions)
+        self._consumer.close()
+        self._consumer = self._log.consumer(self._topic)
+        self._consumer.assign({p: int(start.get(p, 0)) for p in range(self._n)})
+        self._buf = {p: deque() for p in range(self._n)}
+        self._front = dict.fromkeys(range(self._n))
 
     def positions(self) -> dict[int, int]:
         """Per partition, the offset of the first message not handed out yet."""
@@ -177,13 +187,18 @@ class OnlineLearner:
         if table is not None:
             if on_table is not None:
                 on_table(table)
-            for batch in self.windows.micro_batches(table):
-                if train:
-                    preds = self.trainer.evaluate_then_train(batch)
-                else:
-                    preds = self.trainer.predict(batch)
-                # A correction repeats, as a positive, a sample already scored as a negative:
-                # it is trained on but not scored twice.
-                keep = ~batch.is_correction.numpy()
-                self.metrics.update(preds[keep], batch.labels.numpy()[keep].astype(np.float64))
+            self.train_batches(list(self.windows.micro_batches(table)), train)
         return self.metrics.close_window(start_ms)
+
+    def train_batches(self, batches: list[TensorBatch], train: bool = True) -> None:
+        """Score then train on ``batches`` in order (score only without ``train``), into the
+        open window's metrics."""
+        for batch in batches:
+            if train:
+                preds = self.trainer.evaluate_then_train(batch)
+            else:
+                preds = self.trainer.predict(batch)
+            # A correction repeats, as a positive, a sample already scored as a negative:
+            # it is trained on but not scored twice.
+            keep = ~batch.is_correction.numpy()
+            self.metrics.update(preds[keep], batch.labels.numpy()[keep].astype(np.float64))

@@ -11,63 +11,53 @@ at any point resumes after the last processed item: nothing lost, nothing counte
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
-import torch
+import pyarrow as pa
 
-from minutely.clock import ReplayClock
-from minutely.config import Config, ModelConfig
-from minutely.errors import CheckpointError, SchemaMismatchError
+from minutely.clock import MS_PER_HOUR, ReplayClock
+from minutely.config import Config
+from minutely.errors import CheckpointError
 from minutely.evaluate import WindowReport
 from minutely.features import open_resolver
 from minutely.model import CtrModel, build_model
-from minutely.pipeline.export import Exporter, ExportState, window_metrics
 from minutely.pipeline.join_stage import JoinStage
-from minutely.pipeline.learner import OnlineLearner, SampleWindows
+from minutely.pipeline.model_loop import (
+    CutOutcome,
+    ModelLoop,
+    WindowOutcome,
+    cuts_between,
+    model_extras,
+    restore_model,
+)
 from minutely.pipeline.settings import check_settings, output_settings
 from minutely.pipeline.source import SimSource, open_snapshots
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
 from minutely.sim import EventBatch, Market
 from minutely.stream import Log
-from minutely.train import Trainer, TrainerState, load_latest_checkpoint, save_checkpoint
+from minutely.train import Trainer, frozen_names, load_latest_checkpoint, save_checkpoint
 
 PIPELINE_STATE = "pipeline.json"
 
 
 @dataclass(frozen=True)
 class TickResult:
-    """What one tick did: the window's raw events, and per model the window it trained
-    (``windows``, empty when the tick did not train) and the version it published."""
+    """What one tick did: the window's raw events and, per model, the window it trained
+    (``windows``, empty when the tick did not train), the version it published, the cuts it
+    made (batch model trained and published as a warm-start version) and the rollbacks."""
 
     start_ms: int
     end_ms: int
     events: EventBatch
     windows: dict[str, WindowReport]
     exported: dict[str, Manifest]
-
-
-@dataclass
-class ModelStages:
-    """One model's stages: its weights and trainer (built with the model's configured loss),
-    the reader of its samples topic, the test-then-train learner and the exporter."""
-
-    cfg: ModelConfig
-    model: CtrModel
-    trainer: Trainer
-    samples: SampleWindows
-    learner: OnlineLearner
-    exporter: Exporter
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
+    cuts: dict[str, list[CutOutcome]] = field(default_factory=dict)
+    outcomes: dict[str, WindowOutcome] = field(default_factory=dict)
 
 
 class OnlinePipeline:
@@ -94,6 +84,9 @@ class OnlinePipeline:
         corrupt_every: int = 0,
         resume: bool = False,
         run_dir: Path | None = None,
+        on_trained: Callable[[str, str, pa.Table], None] | None = None,
+        hourly_shadow: bool = False,
+        transform: Callable[[str, int, pa.Table], pa.Table] | None = None,
     ) -> None:
         names = [m.name for m in cfg.models] if models is None else list(models)
         if not names:
@@ -105,6 +98,9 @@ class OnlinePipeline:
         self.log = log
         self.model_cfgs = [cfg.model(n) for n in names]
         self.checkpoint_dir = checkpoint_dir
+        self._on_trained = on_trained
+        self._hourly_shadow = hourly_shadow
+        self._transform = transform
         # Relative feature snapshot replicas live in the run folder.
         self.run_dir = checkpoint_dir.parent if run_dir is None else run_dir
         self.clock = ReplayClock(start_ms)
@@ -113,7 +109,7 @@ class OnlinePipeline:
         built: list[tuple[CtrModel, Trainer]] = []
         for mc in self.model_cfgs:
             model = build_model(mc, schema)
-            built.append((model, Trainer(model, cfg.train)))
+            built.append((model, Trainer(model, cfg.train, frozen=frozen_names(model))))
         state: dict[str, Any] | None = None
         extras: dict[str, bytes] = {}
         if resume:
@@ -138,8 +134,8 @@ class OnlinePipeline:
                 self.windows_done = int(state["windows_done"])
                 self.clock.advance_to(self.now_ms)
                 for mc, (model, trainer) in zip(self.model_cfgs[1:], built[1:], strict=True):
-                    _restore_model(extras, mc.name, model, trainer, checkpoint_dir)
-            self._build(market, registry, corrupt_every, state, built)
+                    restore_model(extras, mc.name, model, trainer, checkpoint_dir)
+            self._build(market, registry, corrupt_every, state, built, extras)
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(
                 f"resume: checkpoint in {checkpoint_dir} has a malformed {PIPELINE_STATE} ({exc!r})"
@@ -152,6 +148,7 @@ class OnlinePipeline:
         corrupt_every: int,
         state: dict[str, Any] | None,
         built: list[tuple[CtrModel, Trainer]],
+        extras: Mapping[str, bytes],
     ) -> None:
         """The stages, fresh or from a checkpoint's ``state``."""
         cfg, schema, log = self.cfg, self.schema, self.log
@@ -178,29 +175,22 @@ class OnlinePipeline:
             resolver=self.resolver,
         )
         self._corrupt_every = corrupt_every
-        self.models: dict[str, ModelStages] = {}
+        self.models: dict[str, ModelLoop] = {}
         for mc, (model, trainer) in zip(self.model_cfgs, built, strict=True):
-            saved = None if state is None else state["models"][mc.name]
-            samples = SampleWindows(
-                log,
+            self.models[mc.name] = ModelLoop(
+                cfg,
                 mc,
                 schema,
-                cfg.train.batch_size,
-                positions=None if saved is None else _int_keys(saved["positions"]),
-            )
-            self.models[mc.name] = ModelStages(
-                cfg=mc,
+                log,
+                registry,
+                state=None if state is None else state["models"][mc.name],
+                extras=extras,
                 model=model,
                 trainer=trainer,
-                samples=samples,
-                learner=OnlineLearner(trainer, samples, cfg.train),
-                exporter=Exporter(
-                    registry,
-                    mc,
-                    schema,
-                    cfg.export,
-                    None if saved is None else ExportState.from_dict(saved["exporter"]),
-                ),
+                events_dir=self.run_dir,
+                on_trained=None if self._on_trained is None else _tagged(self._on_trained, mc.name),
+                hourly_shadow=self._hourly_shadow,
+                transform=None if self._transform is None else _bound(self._transform, mc.name),
             )
 
     def tick(
@@ -225,28 +215,44 @@ class OnlinePipeline:
         self.join.advance_to(end_ms)
         windows: dict[str, WindowReport] = {}
         exported: dict[str, Manifest] = {}
-        for name, st in self.models.items():
-            report = st.learner.run_window(start, end_ms) if train else None
-            if report is not None:
-                windows[name] = report
-            if export:
-                m = st.exporter.maybe_export(
-                    st.model, end_ms, st.trainer.samples_seen, window_metrics(report)
-                )
-                if m is not None:
-                    exported[name] = m
+        cuts: dict[str, list[CutOutcome]] = {}
+        outcomes: dict[str, WindowOutcome] = {}
+        for name, loop in self.models.items():
+            if not train:
+                continue
+            out = loop.window(start, end_ms, now_ms=end_ms, export=export)
+            outcomes[name] = out
+            if out.report is not None:
+                windows[name] = out.report
+            if out.exported is not None:
+                exported[name] = out.exported
+            if loop.hourly is not None:
+                for hour in range(start // MS_PER_HOUR + 1, end_ms // MS_PER_HOUR + 1):
+                    loop.hour_end(hour * MS_PER_HOUR)
+            for cut in cuts_between(self.cfg, start, end_ms):
+                cuts.setdefault(name, []).append(loop.cut(cut))
         self.now_ms = end_ms
         self.windows_done += 1
         if self.windows_done % self.cfg.train.checkpoint_every_windows == 0:
             self.checkpoint()
-        return TickResult(start, end_ms, events, windows, exported)
+        return TickResult(start, end_ms, events, windows, exported, cuts, outcomes)
+
+    def cut(self, cut_ms: int) -> dict[str, CutOutcome]:
+        """Make a cut at ``cut_ms`` now for every model that has not made one at or after it
+        (see :meth:`ModelLoop.cut`): what starts a replay that joined history without
+        training."""
+        return {
+            name: loop.cut(cut_ms)
+            for name, loop in self.models.items()
+            if loop.last_cut_ms is None or loop.last_cut_ms < cut_ms
+        }
 
     def close(self) -> None:
         """Close the stages' readers and the snapshot tables' clients; the log stays open (the
         caller owns it)."""
         self.join.close()
-        for st in self.models.values():
-            st.samples.close()
+        for loop in self.models.values():
+            loop.close()
         self.source.close()
         if self.resolver is not None:
             self.resolver.close()
@@ -258,18 +264,14 @@ class OnlinePipeline:
             "windows_done": self.windows_done,
             "source": {"writer": self.source.writer_state(), "produced": self.source.produced},
             "join": self.join.snapshot(),
-            "models": {
-                name: {
-                    "positions": st.samples.positions(),
-                    "exporter": st.exporter.state.to_dict(),
-                }
-                for name, st in self.models.items()
-            },
+            "models": {name: loop.state() for name, loop in self.models.items()},
         }
         extras = {PIPELINE_STATE: json.dumps(state, sort_keys=True).encode()}
         first, *others = self.models.values()
-        for st in others:
-            extras.update(_model_extras(st.name, st.model, st.trainer))
+        for loop in others:
+            extras.update(model_extras(loop.name, loop.model, loop.trainer))
+        for loop in self.models.values():
+            extras.update(loop.extras())
         return save_checkpoint(self.checkpoint_dir, first.model, first.trainer, extras)
 
     def _settings(self, corrupt_every: int) -> dict[str, Any]:
@@ -286,75 +288,11 @@ class OnlinePipeline:
         }
 
 
-def _extra_names(name: str, optimizers: Sequence[str]) -> tuple[str, str, dict[str, str]]:
-    """The checkpoint extras that hold model ``name``: weights, counters, optimizer states."""
-    prefix = f"model.{name}"
-    return (
-        f"{prefix}.weights.safetensors",
-        f"{prefix}.trainer.json",
-        {opt: f"{prefix}.optim.{opt}.pt" for opt in optimizers},
-    )
+def _bound(
+    fn: Callable[[str, int, pa.Table], pa.Table], name: str
+) -> Callable[[int, pa.Table], pa.Table]:
+    return lambda end_ms, table: fn(name, end_ms, table)
 
 
-def _model_extras(name: str, model: CtrModel, trainer: Trainer) -> dict[str, bytes]:
-    """Model ``name``'s weights, optimizer states and counters as checkpoint extras."""
-    optimizers = trainer.optimizer_state_dicts()
-    weights, counters, optims = _extra_names(name, sorted(optimizers))
-    s = trainer.state()
-    out = {
-        weights: safetensors.torch.save(model.flat_state_dict()),
-        counters: json.dumps(
-            {"steps": s.steps, "samples_seen": s.samples_seen, "skipped_batches": s.skipped_batches}
-        ).encode(),
-    }
-    for opt, sd in optimizers.items():
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        out[optims[opt]] = buf.getvalue()
-    return out
-
-
-def _restore_model(
-    extras: Mapping[str, bytes], name: str, model: CtrModel, trainer: Trainer, where: Path
-) -> None:
-    """Load model ``name`` from a checkpoint's extras (written by :func:`_model_extras`).
-
-    Everything is read and checked against the model and its optimizers before anything is
-    changed; a missing, unreadable or ill-fitting part raises :class:`CheckpointError`.
-    """
-    weights_name, counters_name, optims = _extra_names(name, sorted(trainer.optimizers))
-    missing = [n for n in (weights_name, counters_name, *optims.values()) if n not in extras]
-    if missing:
-        raise CheckpointError(
-            f"resume: checkpoint in {where}: expected the state of model {name!r}, got no "
-            f"{missing[0]}"
-        )
-    try:
-        weights = safetensors.torch.load(extras[weights_name])
-        optim = {
-            opt: torch.load(io.BytesIO(extras[file]), weights_only=True)
-            for opt, file in optims.items()
-        }
-        counters = json.loads(extras[counters_name])
-        state = TrainerState(
-            steps=int(counters["steps"]),
-            samples_seen=int(counters["samples_seen"]),
-            skipped_batches=int(counters["skipped_batches"]),
-        )
-    except Exception as exc:
-        raise CheckpointError(
-            f"resume: checkpoint in {where}: the state of model {name!r} is unreadable ({exc!r})"
-        ) from exc
-    try:
-        model.check_flat_state_dict(weights)
-        trainer.check_restore(optim)
-    except (SchemaMismatchError, CheckpointError) as exc:
-        raise CheckpointError(
-            f"resume: checkpoint in {where}: the state of model {name!r} does not fit it ({exc})"
-        ) from exc
-    model.load_flat_state_dict(weights)
-    trainer.restore(state, optim)
-
-
-def _int_keys(d: dict[str, Any]) -> dict[int, int]:
-    return {int(k): int(v) for k, v in d.items()}
+def _tagged(fn: Callable[[str, str, pa.Table], None], name: str) -> Callable[[str, pa.Table], None]:
+    return lambda kind, table: fn(name, kind, table)

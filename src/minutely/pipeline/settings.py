@@ -35,7 +35,7 @@ Stage = Literal["simulate", "join", "train"]
 _SECTIONS: dict[Stage, tuple[str, ...]] = {
     "simulate": ("sim",),
     "join": ("ingest", "join", "models"),
-    "train": ("train",),
+    "train": ("train", "schedule"),
 }
 _FIELDS: dict[Stage, tuple[str, ...]] = {
     "simulate": (

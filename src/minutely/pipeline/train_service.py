@@ -32,13 +32,12 @@ from minutely.errors import CheckpointError
 from minutely.evaluate import WindowReport
 from minutely.model import build_model
 from minutely.pipeline.appender import ExactlyOnceWriter
-from minutely.pipeline.export import Exporter, ExportState, window_metrics
-from minutely.pipeline.learner import OnlineLearner, SampleWindows
+from minutely.pipeline.model_loop import ModelLoop, cuts_between
 from minutely.pipeline.settings import check_settings, output_settings
 from minutely.registry import Manifest, Registry
 from minutely.schema import default_schema
 from minutely.stream import DeadLetterSink, Log
-from minutely.train import Trainer, load_latest_checkpoint, save_checkpoint
+from minutely.train import Trainer, frozen_names, load_latest_checkpoint, save_checkpoint
 
 STATE = "train_service.json"
 _log = logging.getLogger("minutely.train")
@@ -62,13 +61,15 @@ class TrainService:
         self.schema = default_schema()
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(self.model_cfg, self.schema)
-        self.trainer = Trainer(self.model, cfg.train)
+        self.trainer = Trainer(self.model, cfg.train, frozen=frozen_names(self.model))
+        self.registry = Registry(run_dir / cfg.export.registry_dir)
         self.checkpoint_dir = run_dir / "checkpoints" / f"train-{model_name}"
         self.window_ms = cfg.train.window_s * 1000
         self._audit_dir = audit_dir
         self._clock = clock if clock is not None else WallClock()
         settings = output_settings(cfg, "train", model_name)
         self._settings = settings
+        self._extras: dict[str, bytes] | None = None
         state = self._load_state()
         if state is not None:
             check_settings(
@@ -89,22 +90,24 @@ class TrainService:
             write=self._dead_out.append_keyed,
             counts_by_reason=None if state is None else state.get("dead_letter_counts"),
         )
-        self.samples = SampleWindows(
+        self._window_tables: list[pa.Table] = []
+        self.loop = ModelLoop(
+            cfg,
+            self.model_cfg,
+            self.schema,
             log,
-            self.model_cfg,
-            self.schema,
-            cfg.train.batch_size,
-            positions=None if state is None else _int_keys(state["positions"]),
+            self.registry,
+            state=None if state is None else state.get("loop"),
+            extras=self._extras,
+            model=self.model,
+            trainer=self.trainer,
+            events_dir=run_dir,
             dead_letters=self.dead_letters,
+            on_trained=self._on_trained,
         )
-        self.learner = OnlineLearner(self.trainer, self.samples, cfg.train)
-        self.exporter = Exporter(
-            Registry(run_dir / cfg.export.registry_dir),
-            self.model_cfg,
-            self.schema,
-            cfg.export,
-            None if state is None else ExportState.from_dict(state["exporter"]),
-        )
+        self.samples = self.loop.samples
+        self.learner = self.loop.learner
+        self.exporter = self.loop.exporter
         self.next_end_ms: int | None = None if state is None else state["next_end_ms"]
         self.windows_done = 0 if state is None else int(state["windows_done"])
         if audit_dir is not None:
@@ -122,35 +125,41 @@ class TrainService:
             self.next_end_ms = floor_window(first, self.window_ms) + self.window_ms
         end = self.next_end_ms
         if not self.samples.fill(end, timeout_s):
+            self.loop.check_stall(self._clock.now_ms())
             return None
-        table_seen: list[pa.Table] = []
-        report = self.learner.run_window(end - self.window_ms, end, on_table=table_seen.append)
+        self._window_tables = []
+        out = self.loop.window(end - self.window_ms, end, now_ms=self._clock.now_ms())
         if self._audit_dir is not None:
-            self._write_audit(end, table_seen)
-        exported = self.exporter.maybe_export(
-            self.model, end, self.trainer.samples_seen, window_metrics(report)
-        )
+            self._write_audit(end, self._window_tables)
+        for cut in cuts_between(self.cfg, end - self.window_ms, end):
+            self.loop.cut(cut)
         self.next_end_ms = end + self.window_ms
         self.windows_done += 1
         if self.windows_done % self.cfg.train.checkpoint_every_windows == 0:
             self.checkpoint()
-        return report, exported
+        if out.report is None:
+            return None
+        return out.report, out.exported
 
     def checkpoint(self) -> Path:
         state = {
             "settings": self._settings,
-            "positions": {str(p): o for p, o in self.samples.positions().items()},
-            "exporter": self.exporter.state.to_dict(),
+            "loop": self.loop.state(),
             "next_end_ms": self.next_end_ms,
             "windows_done": self.windows_done,
             "dead_letters": self._dead_out.state(),
             "dead_letter_counts": self.dead_letters.counts_by_reason,
         }
         blob = json.dumps(state, sort_keys=True).encode()
-        return save_checkpoint(self.checkpoint_dir, self.model, self.trainer, {STATE: blob})
+        extras = {STATE: blob, **self.loop.extras()}
+        return save_checkpoint(self.checkpoint_dir, self.model, self.trainer, extras)
 
     def close(self) -> None:
-        self.samples.close()
+        self.loop.close()
+
+    def _on_trained(self, kind: str, table: pa.Table) -> None:
+        if kind == "online":
+            self._window_tables.append(table)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -158,12 +167,11 @@ class TrainService:
         extras = load_latest_checkpoint(self.checkpoint_dir, self.model, self.trainer)
         if extras is None:
             return None
+        self._extras = extras
         try:
             state: dict[str, Any] = json.loads(extras[STATE])
             missing = [
-                k
-                for k in ("settings", "positions", "exporter", "next_end_ms", "windows_done")
-                if k not in state
+                k for k in ("settings", "loop", "next_end_ms", "windows_done") if k not in state
             ]
             if missing:
                 raise KeyError(missing[0])
@@ -235,7 +243,3 @@ def read_audit(audit_dir: Path) -> list[tuple[int, int, bool]]:
                 strict=True,
             )
     return sorted(out)
-
-
-def _int_keys(d: dict[str, Any]) -> dict[int, int]:
-    return {int(k): int(v) for k, v in d.items()}
