@@ -102,3 +102,57 @@ def test_a_resume_trains_the_same_windows_and_prunes_the_audit(tmp_path: Path) -
     ):
         TrainService(other, "ctr", run, log)
     log.close()
+
+
+def test_the_service_warm_starts_at_the_cut_and_rolls_back_when_the_stream_stalls(
+    tmp_path: Path,
+) -> None:
+    from minutely.clock import ReplayClock
+    from minutely.pipeline.monitor import read_events
+    from minutely.registry import Registry
+
+    cfg = load_config(
+        None,
+        {
+            "stream": {"partitions": 2},
+            "models": [{"name": "ctr", "buckets": 64, "embedding_dim": 2, "hidden": [4]}],
+            "train": {"batch_size": 8, "checkpoint_every_windows": 100},
+            "schedule": {"cadence": "hour"},
+            "export": {"every_min": 5, "min_samples": 1, "min_trained_min": 0, "gate": False},
+            "monitor": {"stall_timeout_s": 600},
+        },
+    )
+    log = SqliteLog(tmp_path / "log.sqlite")
+    log.create_topic("samples.ctr", 2)
+    windows = 16  # 80 minutes: a cut at T0 + 1 h, then online versions
+    for w in range(windows):
+        for p in range(2):
+            ids = range(100 * w + 10 * p, 100 * w + 10 * p + 5)
+            log.append("samples.ctr", [batch(ids, T0 + w * W + 1)], p)
+    for p in range(2):
+        log.append("samples.ctr", [(None, b"", T0 + windows * W)], p)
+    clock = ReplayClock(T0 + windows * W)
+    run = tmp_path / "run"
+    svc = TrainService(cfg, "ctr", run, log, clock=clock)
+    for _ in range(windows):
+        assert svc.step() is not None
+    assert svc.next_end_ms == T0 + (windows + 1) * W
+    registry = Registry(run / "registry")
+    (warm,) = registry.warm_start_versions("ctr")
+    assert registry.manifest("ctr", warm).created_ms == T0 + 3_600_000
+    live = svc.loop.live
+    assert live is not None
+    assert live.version != warm
+    assert registry.serving_version("ctr") == live.version
+    # Nothing more arrives: before the timeout no rollback, after it serving is rolled back.
+    clock.advance(599_000)
+    assert svc.step() is None
+    assert registry.serving_version("ctr") == live.version
+    clock.advance(2_000)
+    assert svc.step() is None
+    assert registry.serving_version("ctr") == warm
+    (event,) = read_events(run / "events.jsonl")
+    assert (event.kind, event.from_version, event.to_version) == ("stall", live.version, warm)
+    assert event.evidence["stall_timeout_s"] == 600
+    svc.close()
+    log.close()
