@@ -144,6 +144,11 @@ def test_the_service_warm_starts_at_the_cut_and_rolls_back_when_the_stream_stall
     assert live is not None
     assert live.version != warm
     assert registry.serving_version("ctr") == live.version
+    progress = svc.loop.progress(clock.now_ms())
+    assert progress["live_version"] == live.version
+    assert progress["warm_version"] == warm
+    assert progress["lag_s"] == 0.0  # the clock stands at the last window's end
+    assert progress["live_version_age_s"] == (clock.now_ms() - live.created_ms) / 1e3 >= 0
     # Nothing more arrives: before the timeout no rollback, after it serving is rolled back.
     clock.advance(599_000)
     assert svc.step() is None

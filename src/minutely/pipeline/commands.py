@@ -162,6 +162,7 @@ def run_train(
                 "last_export": st.last_version,
                 "exports": st.exported,
                 "dead_letters": svc.dead_letters.count,
+                **svc.loop.progress(clock.now_ms()),
             }
 
         def finish() -> None:

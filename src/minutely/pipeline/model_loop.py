@@ -112,10 +112,12 @@ class _Shadow:
 
 @dataclass
 class _Version:
-    """A registry version held in memory: its name and the model rebuilt from it."""
+    """A registry version held in memory: its name, the model rebuilt from it and the event
+    time its weights reflect."""
 
     version: str
     model: CtrModel
+    created_ms: int
 
 
 class ModelLoop:
@@ -216,6 +218,9 @@ class ModelLoop:
         self.rolled_back: bool = bool(st.get("rolled_back", False))
         self.rollbacks: int = int(st.get("rollbacks", 0))
         self._last_report: WindowReport | None = None
+        self._last_now_ms: int | None = None
+        self._last_window_end_ms: int | None = None
+        self._samples_per_s = 0.0
         self.warm: _Version | None = None
         self.live: _Version | None = None
         self._warm_state: TrainingState | None = None
@@ -278,7 +283,7 @@ class ModelLoop:
         )
         self.last_cut_ms = cut_ms
         teacher = _frozen_copy(self.batch_model)
-        self.warm = _Version(manifest.version, teacher)
+        self.warm = _Version(manifest.version, teacher, manifest.created_ms)
         self._warm_state = state
         self.live = self.warm
         if self.rolled_back:
@@ -382,7 +387,7 @@ class ModelLoop:
             )
             exported, verdict = outcome.manifest, outcome.verdict
             if exported is not None:
-                self.live = _Version(exported.version, _frozen_copy(self.model))
+                self.live = _Version(exported.version, _frozen_copy(self.model), end_ms)
                 if self.rolled_back:
                     self.registry.unpin(self.name)
                     self.rolled_back = False
@@ -391,6 +396,10 @@ class ModelLoop:
         self.learner.train_batches(batches)
         report = self.learner.metrics.close_window(start_ms)
         self._last_report = report
+        if self._last_now_ms is not None and now_ms > self._last_now_ms:
+            self._samples_per_s = report.n / ((now_ms - self._last_now_ms) / 1e3)
+        self._last_now_ms = now_ms
+        self._last_window_end_ms = end_ms
         return WindowOutcome(report, exported, verdict, anomaly, rolled_to)
 
     def _observe(
@@ -415,6 +424,29 @@ class ModelLoop:
             now_ms=now_ms,
         )
         return anomaly, live_preds
+
+    def progress(self, now_ms: int) -> dict[str, Any]:
+        """Lag of the last trained window behind ``now_ms`` (the service clock), throughput of
+        the last window, age of the live version, and the versions serving and warm-started
+        (JSON; figures absent before the first window)."""
+        out: dict[str, Any] = {
+            "live_version": None if self.live is None else self.live.version,
+            "warm_version": None if self.warm is None else self.warm.version,
+            "rollbacks": self.rollbacks,
+            "exports_refused": self.exporter.state.refused,
+            "exports_skipped": self.exporter.state.skipped,
+        }
+        if self._last_window_end_ms is not None:
+            live_created = self._last_window_end_ms if self.live is None else self.live.created_ms
+            out.update(
+                self.monitor.progress(
+                    now_ms,
+                    last_window_end_ms=self._last_window_end_ms,
+                    live_version_created_ms=live_created,
+                    samples_per_s=self._samples_per_s,
+                ).to_dict()
+            )
+        return out
 
     def check_stall(self, now_ms: int) -> str | None:
         """Roll back when no window was trained for ``monitor.stall_timeout_s``; the version
@@ -507,10 +539,10 @@ class ModelLoop:
         del manifest
 
     def _version(self, version: str) -> _Version:
-        _, model = load_model(
+        manifest, model = load_model(
             self.registry, self.name, version, expected_fingerprint=self.schema.fingerprint()
         )
-        return _Version(version, model)
+        return _Version(version, model, manifest.created_ms)
 
     def _audit(self, kind: str, table: pa.Table) -> None:
         if self._on_trained is not None:
