@@ -55,6 +55,7 @@ class SimConfig:
     drift: float = field(default=1.0, metadata=_range(0.0, 10.0))
     delay_preset: Literal["criteo", "fast"] = "criteo"
     regime_switch_hour: int | None = field(default=None, metadata=_range(0))
+    regime_end_hour: int | None = field(default=None, metadata=_range(1))
 
 
 class FrozenMap(Mapping[str, str]):
@@ -238,9 +239,9 @@ class ExportConfig:
     keep_versions: int = field(default=24, metadata=_range(1))  # plus base and pinned ones
     gate: bool = True
     gate_max_auc_drop: float = field(default=0.02, metadata=_range(0.0, 1.0))
-    gate_pcoc_min: float = field(default=0.75, metadata=_range(0.0))
-    gate_pcoc_max: float = field(default=1.33, metadata=_range(0.0))
-    gate_min_positives: int = field(default=20, metadata=_range(1))
+    gate_pcoc_min: float = field(default=0.6, metadata=_range(0.0))
+    gate_pcoc_max: float = field(default=1.67, metadata=_range(0.0))
+    gate_min_positives: int = field(default=30, metadata=_range(1))
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,7 @@ def judge(
     >>> v.passed, v.auc, v.live_auc
     (True, 1.0, 0.75)
     >>> judge(cfg, [0.9, 0.9, 0.9, 0.9], None, [0, 1, 0, 1]).reason
-    'refused: PCOC 1.8 outside [0.75, 1.33]; AUC not judged: no live version (n=4, positives=2)'
+    'refused: PCOC 1.8 outside [0.6, 1.67]; AUC not judged: no live version (n=4, positives=2)'
     """
     p, y = check_scores("export gate: candidate", candidate, labels)
     n = int(p.size)
