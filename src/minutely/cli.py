@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minutely", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="simulate two days; compare day-only vs online pCTR and pCVR models"
+        "demo", help="simulate two days; compare day-only, hourly and online pCTR and pCVR models"
     )
     _config_options(demo)
     demo.add_argument("--quick", action="store_true", help="a small market (about a minute)")

@@ -9,10 +9,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from minutely.cli import main
-from minutely.clock import MS_PER_DAY
+from minutely.clock import MS_PER_DAY, MS_PER_HOUR
 from minutely.config import Config, load_config
 from minutely.demo.replay import (
     eventual_click_labels,
@@ -20,7 +21,7 @@ from minutely.demo.replay import (
     impression_features,
 )
 from minutely.demo.run import demo_models, run_demo
-from minutely.errors import ConfigError, StorageError
+from minutely.errors import CheckpointError, ConfigError, StorageError
 from minutely.sim import CLICK, IMP_ID_STRIDE, IMPRESSION, Market
 
 SMALL_NET = {"buckets": 4096, "embedding_dim": 4, "hidden": [16], "loss": "pu"}
@@ -49,6 +50,21 @@ TINY = {
 }
 
 
+STRATEGIES = ("day_only", "hourly", "online")
+SCORE_KEYS = ("imp_ids", "ts_ms", *STRATEGIES, "versions")
+
+
+def saved_scores(run_dir: Path, model: str) -> dict[str, np.ndarray]:
+    """Every request the run scored for ``model`` (its ``scores/*.npz``, in window order)."""
+    files = sorted((run_dir / "scores").glob("*.npz"), key=lambda f: int(f.stem))
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in SCORE_KEYS}
+    for f in files:
+        with np.load(f) as z:
+            for k in SCORE_KEYS:
+                parts[k].append(z[f"{model}.{k}"])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
 def day_two_clicks(cfg: Config) -> np.ndarray:
     """The impression ids of every click of the replayed day, in time order."""
     market = Market(cfg.sim)
@@ -69,6 +85,20 @@ def test_demo_trains_and_reports_both_models_end_to_end(tmp_path: Path) -> None:
     assert list(results["models"]) == ["ctr", "cvr"]
     ctr, cvr = results["models"]["ctr"], results["models"]["cvr"]
 
+    # both models: the three strategies on every request, finite figures
+    for res in (ctr, cvr):
+        assert list(res["strategies"]) == list(STRATEGIES)
+        assert list(res["final_label"]["strategies"]) == list(STRATEGIES)
+        for r in (*res["strategies"].values(), *res["final_label"]["strategies"].values()):
+            assert r["n"] == res["requests"]
+            assert all(math.isfinite(r[k]) for k in ("auc", "logloss", "pcoc")), r
+        assert [h["hour"] for h in res["hourly"]] == list(range(24))
+        # the day model is the cut's version at the start of day 2, and served first
+        start = cfg.sim.start_ms + MS_PER_DAY
+        assert res["day_model"]["created_ms"] == start
+        assert res["served"][0]["version"] == res["day_model"]["version"]
+        assert res["strategies"]["hourly"]["versions_served"] == 24  # one model per hour
+
     # pCTR: every impression of the day, scored by the live version and the day model
     online, day = ctr["strategies"]["online"], ctr["strategies"]["day_only"]
     assert online["n"] == day["n"] == ctr["requests"] == 12_000
@@ -76,7 +106,31 @@ def test_demo_trains_and_reports_both_models_end_to_end(tmp_path: Path) -> None:
     assert online["versions_served"] >= 40
     assert day["versions_served"] == 1
     assert 0.5 < online["auc"] < 1.0
-    assert len(list((tmp_path / "registry" / "ctr").glob("v*"))) <= 4  # kept 3 + the base
+    # kept 3 (the newest: the cut at the end of the day) + the base of the older ones
+    assert len(list((tmp_path / "registry" / "ctr").glob("v*"))) <= 4
+
+    # the hourly model is the day model until the end of the first hour, then moves
+    for name in ("ctr", "cvr"):
+        req = saved_scores(tmp_path, name)
+        hour = (req["ts_ms"] - start) // MS_PER_HOUR
+        first = hour == 0
+        assert first.sum() > 0
+        np.testing.assert_allclose(req["hourly"][first], req["day_only"][first], rtol=1e-6)
+        later = ~first
+        moved = ~np.isclose(req["hourly"][later], req["day_only"][later], rtol=1e-4)
+        assert moved.mean() > 0.9, (name, moved.mean())
+        for h in np.unique(hour[later]).tolist():
+            assert moved[hour[later] == h].any(), (name, h)
+        # and it is not the online model either
+        assert not np.allclose(req["hourly"][later], req["online"][later], rtol=1e-4)
+    assert ctr["hourly"][0]["hourly_auc"] == ctr["hourly"][0]["day_only_auc"]
+
+    # the gate's and the monitor's counts
+    for res in (ctr, cvr):
+        gate, monitor = res["gate"], res["monitor"]
+        assert gate["exported"] == res["versions_exported"]
+        assert (gate["last_refusal"] is None) == (gate["refused"] == 0)
+        assert monitor["rollbacks"] == len(monitor["events"])
 
     # pCVR: every click of the day, scored when it arrived, judged on conversions within an
     # hour of the click
@@ -110,7 +164,12 @@ def test_demo_trains_and_reports_both_models_end_to_end(tmp_path: Path) -> None:
         "cvr": cvr["versions_exported"],
     }
     table = "\n".join(lines)
-    assert table.count("day model only") == table.count("online ") == 4  # two labels each
+    for label in ("day model only", "hourly ", "online "):
+        assert table.count(f"ctr     {label}") == table.count(f"cvr     {label}") == 2, label
+    assert f"ctr: exports {ctr['gate']['exported']} (warm starts included)" in table
+    # a few clicks a window: the pCVR model often has too few new samples to export
+    assert cvr["gate"]["skipped"] > 0
+    assert f"skipped by the policy {cvr['gate']['skipped']}; rollbacks 0" in table
     # the replay rule: each request answered by the newest version created before it arrived
     for res in (ctr, cvr):
         served = res["served"]
@@ -119,6 +178,53 @@ def test_demo_trains_and_reports_both_models_end_to_end(tmp_path: Path) -> None:
         for prev, nxt in itertools.pairwise(served):
             assert prev["created_ms"] <= prev["first_request_ms"]
             assert prev["last_request_ms"] < nxt["created_ms"] <= nxt["first_request_ms"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_label_shift_is_rolled_back_and_served_from_the_next_window(tmp_path: Path) -> None:
+    cfg = load_config(None, TINY)
+    start = cfg.sim.start_ms + MS_PER_DAY
+    burst = (start + 6 * MS_PER_HOUR, start + 8 * MS_PER_HOUR)
+    window_ms = cfg.train.window_s * 1000
+
+    def flip(model: str, end_ms: int, table: pa.Table) -> pa.Table:
+        """Two hours of pCTR samples with every label flipped: the live version's PCOC on
+        them leaves the monitor's band."""
+        if model != "ctr" or not burst[0] < end_ms <= burst[1]:
+            return table
+        i = table.schema.get_field_index("label")
+        labels = table["label"].to_numpy(zero_copy_only=False).astype(bool)
+        return table.set_column(i, table.schema.field(i), pa.array(~labels, table["label"].type))
+
+    lines: list[str] = []
+    results = run_demo(cfg, run_dir=tmp_path, progress=False, echo=lines.append, transform=flip)
+    ctr, cvr = results["models"]["ctr"], results["models"]["cvr"]
+    events = ctr["monitor"]["events"]
+    assert ctr["monitor"]["rollbacks"] == len(events) >= 1
+    first = events[0]
+    assert first["kind"] in ("auc_drop", "pcoc")
+    assert not 0.7 <= first["evidence"]["live_pcoc"] <= 1.4
+    assert burst[0] < first["at_ms"] <= burst[0] + 2 * window_ms
+    for event in events:
+        assert event["to_version"] == ctr["day_model"]["version"] != event["from_version"]
+        assert burst[0] < event["at_ms"] <= burst[1] + 2 * window_ms
+        # the version rolled back from answered until then; the server answered the next
+        # window's requests with the version rolled back to
+        before = [s for s in ctr["served"] if s["last_request_ms"] < event["at_ms"]]
+        assert before[-1]["version"] == event["from_version"]
+        after = next(s for s in ctr["served"] if s["first_request_ms"] >= event["at_ms"])
+        assert after["version"] == event["to_version"]
+        assert after["first_request_ms"] < event["at_ms"] + window_ms
+    assert cvr["monitor"] == {"rollbacks": 0, "events": []}
+    table = "\n".join(lines)
+    assert (
+        f"ctr: rolled back from {first['from_version']} to {first['to_version']} at "
+        f"{first['at_ms']} ({first['kind']})" in table
+    )
+    assert f"refused by the gate {ctr['gate']['refused']}" in table
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["models"]["ctr"]["monitor"]["events"] == events
 
 
 def test_a_demo_naming_an_unknown_model_fails_naming_the_field(
@@ -247,6 +353,7 @@ score_batch = 500
 @pytest.mark.slow
 def test_a_killed_demo_is_refused_then_resumed_to_the_same_results(tmp_path: Path) -> None:
     import os
+    import shutil
     import signal
     import subprocess
     import sys
@@ -290,6 +397,16 @@ def test_a_killed_demo_is_refused_then_resumed_to_the_same_results(tmp_path: Pat
     assert f"run folder {run}: expected a new folder, got one that holds a run" in again.stderr
     assert "pass --resume to continue it" in again.stderr
 
+    # a resume past the cut finds the day models in day_models.json, or refuses
+    lost = tmp_path / "lost-day-models"
+    shutil.copytree(run, lost)
+    (lost / "day_models.json").unlink()
+    with pytest.raises(
+        CheckpointError,
+        match=rf"resume: {lost / 'day_models.json'}: expected the day model of 'ctr', got none",
+    ):
+        run_demo(cfg, run_dir=lost, progress=False, echo=lambda _: None, resume=True)
+
     resumed = run_demo(cfg, run_dir=run, progress=False, echo=lambda _: None, resume=True)
     # both models: scores, labels, versions served, hourly figures, counts (compared as JSON:
     # an hour without a conversion has an AUC of NaN, which equals nothing)
@@ -298,6 +415,12 @@ def test_a_killed_demo_is_refused_then_resumed_to_the_same_results(tmp_path: Pat
         ref["models"], sort_keys=True
     )
     assert resumed["pipeline"] == ref["pipeline"]
+    # every request's scores, the three strategies and the version that answered
+    for name in ("ctr", "cvr"):
+        assert list(resumed["models"][name]["strategies"]) == list(STRATEGIES)
+        a, b = saved_scores(run, name), saved_scores(tmp_path / "ref", name)
+        for key in SCORE_KEYS:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name} {key}")
     assert ref["models"]["cvr"]["strategies"]["online"]["versions_served"] >= 2
     with pytest.raises(StorageError, match=r"got a finished one \(results\.json\)"):
         run_demo(cfg, run_dir=run, progress=False, resume=True)

@@ -5,9 +5,11 @@ Each model scores its own population, as its requests would reach a server: a cl
 impression, when its click arrives (the impression's features are those it was served with, looked
 up by impression id as an ad server looks up its impression log). The requests of a window are
 sent to the running inference server before any stage has seen that window, so each answer
-comes from the version that was live at request time; the model's frozen day model scores the
-same requests in-process (the "day model only" strategy). Both are judged after the run against
-each request's eventual label.
+comes from the version that was live at request time (the "online" strategy). In-process, the
+model's frozen day model scores the same requests (the "day model only" strategy), and so does
+its hourly model as it stands at request time (the "hourly" strategy: a model the pipeline
+trains in place at the end of every hour). All are judged after the run against each request's
+eventual label.
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ POPULATION = {
 
 @dataclass
 class ReplayScores:
-    """One model's requests: impression id, request time, the live version's and the day
-    model's predictions, and the version that answered."""
+    """One model's requests: impression id, request time, the live version's (the server's
+    answer), the day model's and the hourly model's predictions (``nan`` when the model has no
+    hourly model), and the version that answered."""
 
     imp_ids: list[np.ndarray] = field(default_factory=list)
     ts_ms: list[np.ndarray] = field(default_factory=list)
     online: list[np.ndarray] = field(default_factory=list)
     day_only: list[np.ndarray] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)
+    hourly: list[np.ndarray] = field(default_factory=list)
 
     def mark(self) -> tuple[int, int]:
         """The position :meth:`since` counts from: (chunks so far, versions so far)."""
@@ -57,6 +61,7 @@ class ReplayScores:
             "ts_ms": _cat(self.ts_ms[first_chunk:], np.int64),
             "online": _cat(self.online[first_chunk:], np.float64),
             "day_only": _cat(self.day_only[first_chunk:], np.float64),
+            "hourly": _cat(self.hourly[first_chunk:], np.float64),
             "versions": np.array(self.versions[first_version:], dtype=str),
         }
 
@@ -66,6 +71,7 @@ class ReplayScores:
         self.ts_ms.append(arrays["ts_ms"])
         self.online.append(arrays["online"])
         self.day_only.append(arrays["day_only"])
+        self.hourly.append(arrays["hourly"])
         self.versions.extend(str(v) for v in arrays["versions"].tolist())
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -79,14 +85,18 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScoredModel:
-    """A model the replay asks about: its config (label, buckets) and its frozen day model."""
+    """A model the replay asks about: its config (label, buckets), its frozen day model and,
+    optionally, its hourly model (scored as it stands when each request arrives: the caller
+    trains it in place)."""
 
     cfg: ModelConfig
     day_model: CtrModel
+    hourly_model: CtrModel | None = None
 
 
 class ReplayScorer:
-    """Scores each window's requests through the server and with the frozen day models."""
+    """Scores each window's requests through the server and, in-process, with the frozen day
+    models and the hourly models."""
 
     def __init__(
         self,
@@ -131,7 +141,7 @@ class ReplayScorer:
         """Append the scores :meth:`save_since` wrote to ``path``."""
         with np.load(path) as z:
             for name, s in self.scores.items():
-                keys = ("imp_ids", "ts_ms", "online", "day_only", "versions")
+                keys = ("imp_ids", "ts_ms", "online", "day_only", "hourly", "versions")
                 s.extend({k: z[f"{name}.{k}"] for k in keys})
 
     def score_window(self, events: EventBatch) -> None:
@@ -166,11 +176,18 @@ class ReplayScorer:
         for i in range(0, len(instances), self._batch):
             chunk = instances[i : i + self._batch]
             version, preds = self._server.predict(name, chunk)
-            day = m.day_model.predict(instances_to_tensors(chunk, self._schema, m.cfg.buckets))
+            tensors = instances_to_tensors(chunk, self._schema, m.cfg.buckets)
+            day = m.day_model.predict(tensors).numpy().astype(np.float64)
+            hourly = (
+                np.full(len(chunk), np.nan)
+                if m.hourly_model is None
+                else m.hourly_model.predict(tensors).numpy().astype(np.float64)
+            )
             s.imp_ids.append(np.asarray(imp_ids[i : i + self._batch], dtype=np.int64))
             s.ts_ms.append(np.asarray(ts_ms[i : i + self._batch], dtype=np.int64))
             s.online.append(np.asarray(preds, dtype=np.float64))
-            s.day_only.append(day.detach().numpy().astype(np.float64))
+            s.day_only.append(day)
+            s.hourly.append(hourly)
             s.versions.extend([version] * len(chunk))
 
 

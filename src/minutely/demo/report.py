@@ -10,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-STRATEGIES = (("day model only", "day_only"), ("online", "online"))
+STRATEGIES = (("day model only", "day_only"), ("hourly", "hourly"), ("online", "online"))
+PLOTTED = (("day model only", "day_only"), ("hourly", "hourly"), ("online (minutely)", "online"))
 # By a model's label: its action, and the event its attribution window starts from.
 ACTION = {"click": ("click", "impression"), "conversion": ("conversion", "click")}
 
@@ -18,7 +19,8 @@ ACTION = {"click": ("click", "impression"), "conversion": ("conversion", "click"
 def format_table(results: dict[str, Any]) -> str:
     """Each model's strategies (AUC, logloss, PCOC, versions served, requests scored) against
     the label that ends with its attribution window, then against its final label (window plus
-    correction horizon), what each was judged on, and a line of pipeline counts."""
+    correction horizon), what each was judged on, the export gate's and the monitor's counts,
+    and a line of pipeline counts."""
     lines = [
         f"{'model':<8}{'strategy':<16}{'AUC':>8}{'logloss':>10}{'PCOC':>8}{'versions':>10}"
         f"{'requests':>12}",
@@ -48,6 +50,21 @@ def format_table(results: dict[str, Any]) -> str:
             f"{name}: {res['population']}; label: a {action} within {window:,} s of the "
             f"{anchor}; final label: within {final:,} s (window + correction horizon)"
         )
+    for name, res in results["models"].items():
+        gate, monitor = res["gate"], res["monitor"]
+        line = (
+            f"{name}: exports {gate['exported']} (warm starts included), refused by the gate "
+            f"{gate['refused']}, skipped by the policy {gate['skipped']}; rollbacks "
+            f"{monitor['rollbacks']}"
+        )
+        if gate["last_refusal"] is not None:
+            line += f"; last refusal {gate['last_refusal']}"
+        lines.append(line)
+        for event in monitor["events"]:
+            lines.append(
+                f"{name}: rolled back from {event['from_version']} to {event['to_version']} at "
+                f"{event['at_ms']} ({event['kind']})"
+            )
     p = results["pipeline"]
     lines.append(
         f"raw events {p['raw_events']:,}; samples {p['samples']}; dead letters "
@@ -58,14 +75,15 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def write_plot(hourly: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """AUC per hour of the replayed day, day model against online: one panel per model."""
+    """AUC per hour of the replayed day, one line per strategy (day model, hourly model,
+    online): one panel per model."""
     names = list(hourly)
     fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4), squeeze=False, sharex=True)
     for ax, name in zip(axes[0], names, strict=True):
         rows = hourly[name]
         hours = [h["hour"] for h in rows]
-        ax.plot(hours, [h["day_only_auc"] for h in rows], marker="o", label="day model only")
-        ax.plot(hours, [h["online_auc"] for h in rows], marker="o", label="online (minutely)")
+        for label, key in PLOTTED:
+            ax.plot(hours, [h[f"{key}_auc"] for h in rows], marker="o", label=label)
         ax.set_xlabel("hour of the replayed day")
         ax.set_ylabel("AUC (eventual labels)")
         ax.set_title(f"{name}: AUC per hour, each request scored by the version live then")

@@ -5,19 +5,26 @@ with its own attribution window and correction horizon: by default pCTR (``ctr``
 10 minutes of the impression) and pCVR (``cvr``: a conversion within an hour of the click).
 
 1. Simulate day 1 into the raw topic; the join labels it into each model's samples topic.
-2. Train each model's day model on day 1's samples (complete labels) and publish it as that
-   model's base version.
-3. Start the inference server (serving every model); replay day 2 window by window: score the
-   window's requests of each model (pCTR: every impression; pCVR: every click) with the live
-   version (server) and with the model's frozen day model, then join, test-then-train and export
-   every N minutes, per model; the server hot-swaps each new version.
-4. Judge both strategies of every model on day 2 against eventual labels; write results.json
-   and a plot with one panel per model.
+2. The cut at the start of day 2 (``OnlinePipeline.cut``): each model's batch model trains on
+   day 1's samples (complete labels) and is published as a warm-start version; the online model
+   and the hourly model restart from it (weights and optimizer state).
+3. Start the inference server (serving every model); replay day 2 window by window (the
+   pipeline's schedule, export gate and monitor as configured): score the window's requests of
+   each model (pCTR: every impression; pCVR: every click) with three strategies, then join,
+   test-then-train, and export when the policy and the gate allow, per model:
+
+   * ``day_only``: the frozen day model (the cut's version), in-process;
+   * ``hourly``: the hourly model as it stands at request time, in-process: restarted from the
+     day model at the cut and trained at the end of every hour on that hour's samples;
+   * ``online``: the version live at request time, through the server, which hot-swaps every
+     version published, rolled back to or made at a cut before the next window is scored.
+4. Judge the three strategies of every model on day 2 against eventual labels; write
+   results.json (with the exporter's and the monitor's counts and the rollback events) and a
+   plot with one panel per model.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm import tqdm
 
@@ -43,8 +51,10 @@ from minutely.demo.report import format_table, write_plot
 from minutely.demo.server import ServerProcess
 from minutely.errors import CheckpointError, ConfigError, StorageError
 from minutely.fsutil import describe_os_error, ensure_writable_dir, replace_atomically
-from minutely.model import CtrModel, build_model
-from minutely.pipeline.day import train_batch_mode
+from minutely.model import CtrModel
+from minutely.model.artifact import load_model
+from minutely.pipeline.model_loop import EVENTS_FILE, ModelLoop
+from minutely.pipeline.monitor import read_events
 from minutely.pipeline.runner import OnlinePipeline
 from minutely.registry import Registry
 from minutely.schema import default_schema
@@ -59,6 +69,7 @@ JUDGED_ON = {
     "conversion": "a conversion within {window} s of the click ({what}), eventual",
 }
 WINDOW = "its attribution window"
+STRATEGY_KEYS = ("day_only", "hourly", "online")
 FINAL = "attribution window + correction horizon"
 
 
@@ -103,12 +114,19 @@ def _check_run_folder(run_dir: Path, resume: bool) -> None:
         raise StorageError(f"run folder {run_dir}: nothing to resume (no checkpoints)")
 
 
+def live_version(loop: ModelLoop) -> str | None:
+    """The version ``loop`` has serving: its live version (the last one published, rolled back
+    to or made at a cut), else the exporter's last version."""
+    return loop.live.version if loop.live is not None else loop.exporter.state.last_version
+
+
 def _hold_to_checkpoint(registry: Registry, model: str, version: str | None) -> str:
-    """Serve ``version``, the online model's latest export, and return it.
+    """Serve ``version``, the model's live version (:func:`live_version`), and return it.
 
     After a resume the registry may also hold versions the crashed run exported after its last
     checkpoint; until the resumed run has adopted them (it exports them again, identical), the
-    server is pinned to the version live at that point in the replay, as it was then.
+    server is pinned to the version live at that point in the replay, as it was then. A version
+    rolled back to is older than the latest: it stays pinned, as the loop pinned it.
     """
     latest = registry.latest(model)
     if version is None or latest is None:
@@ -148,12 +166,15 @@ def run_demo(
     echo: Callable[[str], None] = print,
     *,
     resume: bool = False,
+    transform: Callable[[str, int, pa.Table], pa.Table] | None = None,
 ) -> dict[str, Any]:
     """Run the demo in ``run_dir`` (a new folder under ``demo.runs_dir`` by default).
 
     A folder that already holds a run is refused unless ``resume``: then the run continues from
     its last checkpoint (the scores of the windows replayed before it are kept in
-    ``scores/``), and ends as an uninterrupted run would.
+    ``scores/``), and ends as an uninterrupted run would. ``transform(model, end_ms, table)``
+    rewrites each online window's samples before the model sees them (the pipeline's fault
+    injection hook, for tests and experiments: a label shift the monitor rolls back).
     """
     t_start = time.perf_counter()
     torch.set_num_threads(1)
@@ -188,6 +209,8 @@ def run_demo(
         models=names,
         corrupt_every=cfg.demo.corrupt_every,
         resume=resume,
+        hourly_shadow=True,
+        transform=transform,
     )
     scores_dir = run_dir / "scores"
     scores_dir.mkdir(exist_ok=True)
@@ -210,18 +233,19 @@ def run_demo(
             bar.update()
         timings["history_s"] = time.perf_counter() - t0
 
-        # 2. a day model per model, on the complete day.
+        # 2. the cut: a day model per model, on the complete day; online and hourly models
+        # restart from it.
         t0 = time.perf_counter()
         bar.set_description("day models: train")
-        day_info, day_models = _day_models(cfg, pipe, registry, run_dir, online_start)
+        day_info, day_models = _day_models(pipe, registry, run_dir, online_start)
         timings["day_model_s"] = time.perf_counter() - t0
 
         # 3. online: the live versions serve, the models keep learning, versions roll out.
         t0 = time.perf_counter()
         bar.set_description("day 2: online")
         live = {
-            name: _hold_to_checkpoint(registry, name, st.exporter.state.last_version)
-            for name, st in pipe.models.items()
+            name: _hold_to_checkpoint(registry, name, live_version(loop))
+            for name, loop in pipe.models.items()
         }
         with ServerProcess(
             registry.root, names, run_dir, cfg.serve.poll_interval_s, cfg.serve.host
@@ -232,7 +256,10 @@ def run_demo(
                 server,
                 market,
                 schema,
-                [ScoredModel(st.cfg, day_models[name]) for name, st in pipe.models.items()],
+                [
+                    ScoredModel(loop.cfg, day_models[name], loop.hourly_model)
+                    for name, loop in pipe.models.items()
+                ],
                 cfg.demo.score_batch,
             )
             # When each version was created (pruned ones too): kept for a resume.
@@ -253,14 +280,22 @@ def run_demo(
                 mark = scorer.mark()
                 res = pipe.tick(end, on_events=scorer.score_window)
                 scorer.save_since(saved, mark)
-                if res.exported:
-                    for name, m in res.exported.items():
+                published = list(res.exported.items())
+                published += [(n, c.version) for n, cs in res.cuts.items() for c in cs]
+                if published:
+                    for name, m in published:
                         created[name][m.version] = m.created_ms
                     replace_atomically(created_file, json.dumps(created).encode())
-                    for name, m in res.exported.items():
-                        _hold_to_checkpoint(registry, name, m.version)
-                    for name, m in res.exported.items():
-                        server.wait_for_version(name, m.version)
+                # A new export, a rollback (the outcome's rolled_back_to) or a cut changes the
+                # loop's live version: the server serves it before the next window is scored.
+                now_live = {name: live_version(loop) for name, loop in pipe.models.items()}
+                changed = {
+                    name: v for name, v in now_live.items() if v is not None and v != live[name]
+                }
+                for name, v in changed.items():
+                    live[name] = _hold_to_checkpoint(registry, name, v)
+                for name, v in changed.items():
+                    server.wait_for_version(name, v)
                 bar.update()
         timings["online_s"] = time.perf_counter() - t0
     finally:
@@ -268,11 +303,12 @@ def run_demo(
         pipe.close()
         log.close()
 
-    # 4. judge both strategies of every model on the last day.
+    # 4. judge the three strategies of every model on the last day.
+    events = _rollback_events(run_dir)
     models: dict[str, Any] = {}
-    for name, st in pipe.models.items():
+    for name, loop in pipe.models.items():
         requests = scorer.scores[name].arrays()
-        mc = st.cfg
+        mc = loop.cfg
         window_s = mc.attribution_window_s
         final_s = window_s + mc.correction_horizon_s
         labels = _eventual_labels(market, mc, requests, cfg.demo.days - 1, window_s)
@@ -287,20 +323,26 @@ def run_demo(
             "judged_on": JUDGED_ON[mc.label].format(window=window_s, what=WINDOW),
             "requests": len(labels),
             "day_model": {
-                "version": info["version"],
-                "train_samples": info["train_samples"],
-                "train_auc": info["train_auc"],
+                key: info[key]
+                for key in ("version", "created_ms", "train_samples", "train_auc", "train_logloss")
             },
             **_judge(requests, labels, online_start, created[name]),
             "final_label": {
                 "judged_on": JUDGED_ON[mc.label].format(window=final_s, what=FINAL),
-                "strategies": {
-                    "day_only": score(requests["day_only"], final),
-                    "online": score(requests["online"], final),
-                },
+                "strategies": {key: score(requests[key], final) for key in STRATEGY_KEYS},
             },
-            "samples_trained_online": st.trainer.samples_seen - info["samples_seen"],
-            "versions_exported": st.exporter.state.exported,
+            "samples_trained_online": loop.trainer.samples_seen - info["samples_seen"],
+            "versions_exported": loop.exporter.state.exported,
+            "gate": {
+                "exported": loop.exporter.state.exported,
+                "refused": loop.exporter.state.refused,
+                "skipped": loop.exporter.state.skipped,
+                "last_refusal": loop.exporter.state.last_refusal,
+            },
+            "monitor": {
+                "rollbacks": loop.rollbacks,
+                "events": [e for e in events if e["model"] == name],
+            },
         }
     timings["total_s"] = time.perf_counter() - t_start
     stats = pipe.join.stats
@@ -314,7 +356,7 @@ def run_demo(
             "dead_letters_by_reason": stats.dead_letters_by_reason,
             "late_events": stats.late,
             "malformed_injected": pipe.source.corrupted,
-            "versions_exported": {n: st.exporter.state.exported for n, st in pipe.models.items()},
+            "versions_exported": {n: lp.exporter.state.exported for n, lp in pipe.models.items()},
         },
         "timings_s": timings,
     }
@@ -326,52 +368,55 @@ def run_demo(
 
 
 def _day_models(
-    cfg: Config, pipe: OnlinePipeline, registry: Registry, run_dir: Path, online_start: int
+    pipe: OnlinePipeline, registry: Registry, run_dir: Path, online_start: int
 ) -> tuple[dict[str, dict[str, Any]], dict[str, CtrModel]]:
-    """Each model's day model, trained on every sample before ``online_start`` and published
-    as its base version (or, after a resume past that point, read back from the registry);
-    returns what ``day_models.json`` records of them and a frozen copy of each."""
+    """Each model's day model: the cut at ``online_start`` (:meth:`OnlinePipeline.cut`) trains
+    its batch model on every sample before it and publishes it as a warm-start version, from
+    which the online and hourly models restart; after a resume past the cut, ``day_models.json``
+    names it. Returns what ``day_models.json`` records of them and each one, read back from the
+    registry (the loop's warm-start version moves on at later cuts; the day model stays)."""
     day_file = run_dir / "day_models.json"
     info: dict[str, dict[str, Any]] = {}
     if day_file.exists():
         info = json.loads(day_file.read_text())
-    frozen: dict[str, CtrModel] = {}
-    trained = False
-    for name, st in pipe.models.items():
-        if st.exporter.state.base_version is None:
-            report = train_batch_mode(
-                st.trainer, st.samples, online_start, cfg.train.day_epochs, cfg.train.seed
-            )
-            base = st.exporter.export(
-                st.model,
-                online_start,
-                st.trainer.samples_seen,
-                {"train_auc": report.train_auc, "train_logloss": report.train_logloss},
-                as_base=True,
-            )
-            info[name] = {
-                "version": base.version,
-                "created_ms": base.created_ms,
-                "samples_seen": st.trainer.samples_seen,
-                "train_samples": report.samples,
-                "train_auc": report.train_auc,
-            }
-            frozen[name] = copy.deepcopy(st.model).eval()
-            trained = True
-        else:  # resumed after the day models: each frozen day model is its model's base
-            if name not in info:
-                raise CheckpointError(
-                    f"resume: {day_file}: expected the day model of {name!r}, got none"
-                )
-            _, weights = registry.load(name, info[name]["version"], expected_fingerprint=None)
-            model = build_model(st.cfg, pipe.schema)
-            model.load_state_dict(weights)
-            frozen[name] = model.eval()
-    if trained:
-        # Recorded before the checkpoint: a resume past the day models always finds them.
+    cuts = pipe.cut(online_start)
+    for name, cut in cuts.items():
+        info[name] = {
+            "version": cut.version.version,
+            "created_ms": cut.version.created_ms,
+            "samples_seen": pipe.models[name].trainer.samples_seen,
+            "train_samples": cut.report.samples,
+            "train_auc": cut.report.train_auc,
+            "train_logloss": cut.report.train_logloss,
+        }
+    if cuts:
+        # Recorded before the checkpoint: a resume past the cut always finds the day models.
         replace_atomically(day_file, json.dumps(info).encode())
-        pipe.checkpoint()  # a resume starts online learning from the trained day models
+        pipe.checkpoint()  # a resume starts online learning from the day models
+    frozen: dict[str, CtrModel] = {}
+    for name in pipe.models:
+        if name not in info:
+            raise CheckpointError(
+                f"resume: {day_file}: expected the day model of {name!r}, got none"
+            )
+        _, frozen[name] = load_model(
+            registry, name, info[name]["version"], expected_fingerprint=pipe.schema.fingerprint()
+        )
     return info, frozen
+
+
+def _rollback_events(run_dir: Path) -> list[dict[str, Any]]:
+    """The rollback events of the run (``events.jsonl``), oldest first. A resumed run records
+    again the events its crashed predecessor recorded after the last checkpoint, identical
+    (the replay is deterministic): each is kept once."""
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for event in read_events(run_dir / EVENTS_FILE):
+        line = event.to_json()
+        if line not in seen:
+            seen.add(line)
+            out.append(json.loads(line))
+    return out
 
 
 def _eventual_labels(
@@ -410,8 +455,10 @@ def _judge(
     online_start: int,
     created: dict[str, int],
 ) -> dict[str, Any]:
-    """Both strategies over the day, AUC per hour of request time, and the versions served."""
-    online, day_only, ts = requests["online"], requests["day_only"], requests["ts_ms"]
+    """The three strategies over the day, AUC per hour of request time, and the versions
+    served. The hourly strategy's "versions" are its models by hour (it is trained at the end
+    of every hour)."""
+    ts = requests["ts_ms"]
     versions = [str(v) for v in requests["versions"].tolist()]
     hours = (ts - online_start) // MS_PER_HOUR
     hourly = []
@@ -421,14 +468,16 @@ def _judge(
             {
                 "hour": h,
                 "n": int(m.sum()),
-                "day_only_auc": score(day_only[m], labels[m])["auc"],
-                "online_auc": score(online[m], labels[m])["auc"],
+                **{
+                    f"{key}_auc": score(requests[key][m], labels[m])["auc"] for key in STRATEGY_KEYS
+                },
             }
         )
+    served = {"day_only": 1, "hourly": len(np.unique(hours)), "online": len(set(versions))}
     return {
         "strategies": {
-            "day_only": {**score(day_only, labels), "versions_served": 1},
-            "online": {**score(online, labels), "versions_served": len(set(versions))},
+            key: {**score(requests[key], labels), "versions_served": served[key]}
+            for key in STRATEGY_KEYS
         },
         "hourly": hourly,
         "served": served_versions(versions, ts, created),
