@@ -252,7 +252,8 @@ class MonitorConfig:
     the live version and by the latest warm-start version; judged over the last ``windows``
     windows once they hold ``min_positives`` positives, the live version is an anomaly when its
     AUC is more than ``max_auc_drop`` below the warm-start version's or its PCOC is outside
-    ``[pcoc_min, pcoc_max]``; the pipeline is stalled when no window was trained for
+    ``[pcoc_min, pcoc_max]``, each by more than ``confidence_z`` standard errors of the pooled
+    windows' noise (0: the plain thresholds); the pipeline is stalled when no window was trained for
     ``stall_timeout_s`` on the service's clock. With ``rollback``, an anomaly points serving back
     to the warm-start version and restarts online training from it.
     """
@@ -264,6 +265,7 @@ class MonitorConfig:
     max_auc_drop: float = field(default=0.03, metadata=_range(0.0, 1.0))
     pcoc_min: float = field(default=0.7, metadata=_range(0.0))
     pcoc_max: float = field(default=1.4, metadata=_range(0.0))
+    confidence_z: float = field(default=2.0, metadata=_range(0.0, 10.0))
     stall_timeout_s: float = field(default=1_800.0, metadata=_range(1.0))
 
 

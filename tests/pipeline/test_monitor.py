@@ -424,3 +424,24 @@ def test_an_event_file_that_cannot_be_written_is_named(tmp_path: Path) -> None:
     path.mkdir()  # a folder in the way
     with pytest.raises(StorageError, match=r"events\.jsonl: expected to append a rollback event"):
         append_event(path, event(1))
+
+
+def test_a_drop_or_a_pcoc_within_the_pools_noise_is_no_anomaly() -> None:
+    rng = np.random.default_rng(3)
+    n = 3_000
+    y = (rng.random(n) < 0.03).astype(np.float64)  # about 90 positives
+    warm = np.clip(0.03 + 0.02 * (y - 0.03) + rng.normal(0, 0.01, n), 1e-4, 1.0)
+    # Slightly worse ranking (AUC down about 0.04) and 45% over-predicting: both within
+    # two standard errors of ~90 positives, both beyond the plain thresholds.
+    live = np.clip(warm + rng.normal(0, 0.006, n), 1e-4, 1.0) * 1.45
+    plain = MonitorConfig(windows=1, min_positives=50, max_auc_drop=0.03, confidence_z=0.0)
+    noisy = MonitorConfig(windows=1, min_positives=50, max_auc_drop=0.03, confidence_z=2.0)
+    strict = Monitor(plain).observe(60_000, live, warm, y, "v2", "v1", now_ms=0)
+    assert strict is not None
+    assert Monitor(noisy).observe(60_000, live, warm, y, "v2", "v1", now_ms=0) is None
+    # A gross miscalibration stands out of the noise.
+    gross = Monitor(noisy).observe(60_000, warm * 3.0, warm, y, "v2", "v1", now_ms=0)
+    assert gross is not None
+    assert gross.kind == "pcoc"
+    low, high = gross.evidence["pcoc_band_with_noise"]
+    assert low < 0.7 < 1.4 < high < gross.evidence["live_pcoc"]

@@ -7,7 +7,8 @@ not the warm-start version) are pooled, the last ``monitor.windows`` of them; on
 ``monitor.min_positives`` positives the live version is judged against the warm-start version:
 an :class:`Anomaly` ``"auc_drop"`` when its AUC is more than ``monitor.max_auc_drop`` below the
 warm-start version's, ``"pcoc"`` when its PCOC is outside ``[monitor.pcoc_min,
-monitor.pcoc_max]``. A new warm-start version empties the pool, and so does :meth:`Monitor.reset`
+monitor.pcoc_max]``, each by more than ``monitor.confidence_z`` standard errors of the pool's
+noise. A new warm-start version empties the pool, and so does :meth:`Monitor.reset`
 (after a rollback). :meth:`Monitor.check_stall` reports ``"stall"`` when no window was observed
 for ``monitor.stall_timeout_s`` on the service's clock; the monitor never reads a clock itself.
 
@@ -50,6 +51,23 @@ logger = logging.getLogger("minutely.monitor")
 AnomalyKind = Literal["auc_drop", "pcoc", "stall"]
 KINDS: tuple[str, ...] = ("auc_drop", "pcoc", "stall")
 HISTORY = 360  # per-window quality records kept (six hours of minute windows)
+
+
+def _auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley and McNeil's standard error of an AUC over ``positives`` and ``negatives``
+    (0 when the AUC is undefined: no noise to allow for).
+
+    >>> round(_auc_standard_error(0.7, 200, 5_000), 4)
+    0.0187
+    """
+    if not math.isfinite(auc) or positives < 1 or negatives < 1:
+        return 0.0
+    q1 = auc / (2.0 - auc)
+    q2 = 2.0 * auc * auc / (1.0 + auc)
+    var = (
+        auc * (1.0 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)
+    ) / (positives * negatives)
+    return math.sqrt(max(var, 0.0))
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -241,14 +259,27 @@ class Monitor:
             "warm_logloss": _finite_or_none(w_ll),
         }
         kind: AnomalyKind | None = None
+        negatives = int(labels.size) - positives
+        # A drop or a PCOC off its band counts once it exceeds the pool's noise: confidence_z
+        # standard errors of the live AUC (Hanley and McNeil) and of log PCOC (1/sqrt(positives)).
+        auc_noise = cfg.confidence_z * _auc_standard_error(l_auc, positives, negatives)
+        pcoc_noise = cfg.confidence_z / math.sqrt(positives)
+        drop_needed = max(cfg.max_auc_drop, auc_noise)
+        log_pcoc = math.log(l_pcoc) if l_pcoc > 0 else -math.inf
+        band = (
+            math.log(cfg.pcoc_min) - pcoc_noise if cfg.pcoc_min > 0 else -math.inf,
+            math.log(cfg.pcoc_max) + pcoc_noise,
+        )
         # Both AUCs are defined once the pool holds a negative (it holds positives here).
-        if math.isfinite(l_auc) and math.isfinite(w_auc) and l_auc < w_auc - cfg.max_auc_drop:
+        if math.isfinite(l_auc) and math.isfinite(w_auc) and l_auc < w_auc - drop_needed:
             kind = "auc_drop"
             evidence["max_auc_drop"] = cfg.max_auc_drop
-        elif not cfg.pcoc_min <= l_pcoc <= cfg.pcoc_max:
+            evidence["auc_drop_needed"] = drop_needed
+        elif not band[0] <= log_pcoc <= band[1]:
             kind = "pcoc"
             evidence["pcoc_min"] = cfg.pcoc_min
             evidence["pcoc_max"] = cfg.pcoc_max
+            evidence["pcoc_band_with_noise"] = [math.exp(band[0]), math.exp(band[1])]
         if kind is None:
             return None
         anomaly = Anomaly(kind, evidence)
