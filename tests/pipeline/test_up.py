@@ -81,3 +81,34 @@ def test_children_die_with_a_killed_up(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
         up.communicate()
+
+
+def test_a_train_status_line_shows_the_versions_lag_and_rollbacks() -> None:
+    from minutely.pipeline.up import status_line
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    st = {
+        "windows": 12,
+        "last_export": "v00000007",
+        "live_version": "v00000007",
+        "warm_version": "v00000001",
+        "lag_s": 4.5,
+        "samples_per_s": 1200.0,
+        "live_version_age_s": 300.0,
+        "rollbacks": 1,
+        "exports_refused": 2,
+        "dead_letters": 0,
+    }
+    line = status_line("train-ctr", st, proc)
+    assert line.startswith("train-ctr      exited 0")
+    for part in (
+        "live_version=v00000007",
+        "warm_version=v00000001",
+        "lag_s=4.5",
+        "samples_per_s=1200.0",
+        "live_version_age_s=300.0",
+        "rollbacks=1",
+        "exports_refused=2",
+    ):
+        assert part in line

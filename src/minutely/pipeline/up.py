@@ -58,6 +58,13 @@ def status_line(name: str, st: dict[str, Any] | None, proc: subprocess.Popen[byt
         "samples",
         "windows",
         "last_export",
+        "live_version",
+        "warm_version",
+        "lag_s",
+        "samples_per_s",
+        "live_version_age_s",
+        "rollbacks",
+        "exports_refused",
         "dead_letters",
     )
     parts = [f"{k}={st[k]}" for k in keys if k in st and st[k] is not None]
