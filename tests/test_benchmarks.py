@@ -58,3 +58,54 @@ def test_pipeline_benchmark_prints_every_figure_on_both_backends() -> None:
         assert figures["live"]["samples"] > 0
         assert figures["live"]["lag_wall_s_p99"] >= figures["live"]["lag_wall_s_p50"] > 0
     assert result["join_goal_met"] == (result["sqlite"]["join_events_per_s"] >= 100_000)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_strategies_benchmark_scores_every_request_of_every_strategy() -> None:
+    impressions, scored_days = 3_000, 2
+    args = ["--quick", "--impressions-per-day", str(impressions), "--window-s", "1800"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "strategies.py"), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    strategies = result["strategies"]
+    assert list(strategies) == [
+        "day_only",
+        "hourly",
+        "online",
+        "online_no_distill",
+        "online_no_frozen",
+        "oracle",
+    ]
+    for per_model in strategies.values():
+        # pCTR: every impression of the scored days; pCVR: the same clicks for every strategy
+        assert per_model["ctr"]["n"] == impressions * scored_days
+        assert per_model["cvr"]["n"] == strategies["day_only"]["cvr"]["n"] > 0
+        assert len(per_model["ctr"]["daily_auc"]) == scored_days
+    # one batch version a day, one an hour; online versions come on top of the daily ones
+    assert strategies["day_only"]["ctr"]["versions_served"] == scored_days
+    assert strategies["hourly"]["ctr"]["versions_served"] == 24 * scored_days
+    assert strategies["online"]["ctr"]["versions_served"] > scored_days
+    for name, ri_auc in result["ri_auc"].items():
+        for model, value in ri_auc.items():
+            auc = {s: strategies[s][model]["auc"] for s in (name, "day_only", "oracle")}
+            gap = auc["oracle"] - auc["day_only"]
+            if gap == 0:
+                assert value is None
+            else:
+                assert value == pytest.approx((auc[name] - auc["day_only"]) / gap, abs=1e-3)
+    for model in ("ctr", "cvr"):
+        ri_online = result["ri_auc"]["online"][model]
+        met = result["goals"][f"ri_auc_{model}_ge_0.9"]
+        assert met == (None if ri_online is None else ri_online >= 0.9)
+    regime = result["regime"]
+    for per_model in regime["strategies"].values():
+        ctr = per_model["ctr"]
+        assert ctr["b"]["hours"] == [regime["regime_switch_hour"], regime["regime_end_hour"]]
+        assert ctr["a_before"]["n"] + ctr["b"]["n"] + ctr["a_return"]["n"] == impressions
+        assert len(ctr["hourly_auc"]) == 24

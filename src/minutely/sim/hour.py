@@ -7,9 +7,11 @@ The true click logit of an impression is
 
 and the conversion logit (given a click) is ``0.6 * affinity`` plus advertiser, campaign, ad and
 device traits. Everything that moves with time (user tastes over the day, category appeal,
-ad quality with age, the hour-of-day cycle) is scaled by ``SimConfig.drift``; from
-``regime_switch_hour`` on, users' preferences over categories are permuted. Intercepts are set
-by :mod:`minutely.sim.market` so that the mean CTR and CVR hit the configured base rates.
+ad quality with age, the hour-of-day cycle) is scaled by ``SimConfig.drift``; in the hours
+from ``regime_switch_hour`` up to ``regime_end_hour`` (for good when it is not set), users'
+preferences over categories are permuted (regime B), and before and after they are the
+original ones (regime A). Intercepts are set by :mod:`minutely.sim.market` so that the mean
+CTR and CVR hit the configured base rates.
 
 Ad selection is a cheap proxy of an auction: an ad wins a request with probability proportional
 to its weight (bid x quality x budget pacing) times a targeting boost when its category is among
@@ -25,6 +27,7 @@ from numpy.typing import NDArray
 
 from minutely.clock import MS_PER_DAY, MS_PER_HOUR
 from minutely.config import SimConfig
+from minutely.errors import ConfigError
 from minutely.sim._rng import Stream, rng
 from minutely.sim.campaigns import TARGETING_BOOST, Ledger, quality
 from minutely.sim.world import World
@@ -36,6 +39,37 @@ _TASTE_SWING = 0.6  # how far user tastes move over the day
 _HOUR_CYCLE = 0.2
 _MAIN_DEVICE_P = 0.85
 _TWO_PI = 2.0 * np.pi
+
+
+def check_regime(cfg: SimConfig) -> None:
+    """Raise :class:`~minutely.errors.ConfigError` unless the regime hours make a span:
+    ``regime_end_hour`` needs ``regime_switch_hour`` and must come after it.
+
+    >>> check_regime(SimConfig(regime_switch_hour=30, regime_end_hour=30))
+    Traceback (most recent call last):
+    ...
+    minutely.errors.ConfigError: config field 'sim.regime_end_hour': expected int > \
+sim.regime_switch_hour (30), got 30 (int)
+    """
+    end, switch = cfg.regime_end_hour, cfg.regime_switch_hour
+    if end is None:
+        return
+    if switch is None:
+        raise ConfigError("sim.regime_end_hour", "None when sim.regime_switch_hour is not set", end)
+    if end <= switch:
+        raise ConfigError("sim.regime_end_hour", f"int > sim.regime_switch_hour ({switch})", end)
+
+
+def in_regime_b(cfg: SimConfig, hour: int) -> bool:
+    """Whether ``hour`` (hours since the market opened) is in the switched regime:
+    ``regime_switch_hour <= hour < regime_end_hour`` (no end: from the switch on).
+
+    >>> cfg = SimConfig(regime_switch_hour=30, regime_end_hour=36)
+    >>> [in_regime_b(cfg, h) for h in (29, 30, 35, 36)]
+    [False, True, True, False]
+    """
+    switch, end = cfg.regime_switch_hour, cfg.regime_end_hour
+    return switch is not None and hour >= switch and (end is None or hour < end)
 
 
 @dataclass(frozen=True)
@@ -63,6 +97,7 @@ class HourDrawer:
     """Draws hours of requests for one market; keeps a small cache of appeal knots."""
 
     def __init__(self, cfg: SimConfig, world: World, ledger: Ledger) -> None:
+        check_regime(cfg)
         self._cfg = cfg
         self._world = world
         self._ledger = ledger
@@ -71,7 +106,8 @@ class HourDrawer:
     def requests(
         self, hour: int, n: int, g: np.random.Generator, *, regime: bool = True
     ) -> Requests:
-        """``n`` requests of ``hour`` drawn with ``g``; ``regime=False`` ignores the switch."""
+        """``n`` requests of ``hour`` drawn with ``g``; ``regime=False`` ignores the regime
+        switch."""
         cfg, w = self._cfg, self._world
         hour_start = cfg.start_ms + hour * MS_PER_HOUR
         ts = hour_start + np.sort(g.integers(0, MS_PER_HOUR, n))
@@ -91,7 +127,7 @@ class HourDrawer:
 
         t_h = (ts - cfg.start_ms) / MS_PER_HOUR  # hours since the market opened
         hod = (ts % MS_PER_DAY) / MS_PER_HOUR  # UTC hour of day, continuous
-        switched = regime and cfg.regime_switch_hour is not None and hour >= cfg.regime_switch_hour
+        switched = regime and in_regime_b(cfg, hour)
         pref = w.regime_perm[category] if switched else category
         taste = w.user_taste[user].astype(np.float64)
         swing = np.sin(_TWO_PI * t_h / 24.0) * (cfg.drift * _TASTE_SWING)
