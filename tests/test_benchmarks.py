@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
             ["--quick", "--impressions-per-day", "20000", "--days", "2", "--arch", "lr"],
             "joined_samples_per_s_median",
         ),
+        ("train.py", ["--quick"], "large_trainer_over_plain"),
     ],
 )
 def test_benchmark_prints_json_last(script: str, args: list[str], key: str) -> None:

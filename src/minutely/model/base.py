@@ -34,14 +34,22 @@ by name: see :func:`model_groups`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from minutely.config import ModelConfig
 from minutely.data.tensors import TensorBatch
 from minutely.errors import SchemaError, SchemaMismatchError
+from minutely.model.lookup import (
+    FeatureInputError,
+    LookupPlan,
+    direct_plan,
+    gather_rows,
+    plan_lookup,
+)
 from minutely.schema import Schema
 
 HOUR_LEVEL = "hour_level"
@@ -60,7 +68,9 @@ def make_tables(schema: Schema, buckets: int, embedding_dim: int) -> nn.ModuleDi
     Column 0 (first-order weights) starts at zero, the embedding columns ``N(0, 0.01)``.
     ``sum`` pools a single-id feature (one id per row, so the sum is the embedding) and ``mean``
     pools a list (its length then does not scale the logit). Gradients are sparse: only the rows
-    a batch touches are updated, which is what keeps a step cheap with large tables.
+    a batch touches are updated, which is what keeps a step cheap with large tables. The models
+    read the tables through :meth:`CtrModel.lookup_rows`, which pools as these modules do but
+    reads each distinct id of a batch once.
     """
     tables = nn.ModuleDict()
     for spec in schema.sparse:
@@ -197,21 +207,78 @@ class CtrModel(nn.Module):
 
     def lookup(self, batch: TensorBatch) -> Tensor:
         """Every sparse feature's pooled table row: ``[B, n_sparse, 1 + embedding_dim]``."""
-        if not self.sparse_names:
-            return batch.dense.new_zeros(len(batch), 0, self.table_width)
-        return torch.stack([self._pool(name, batch) for name in self.sparse_names], 1)
+        rows, plan = self.lookup_rows(batch)
+        n, n_features = plan.index.shape
+        return rows.index_select(0, plan.index.view(-1)).view(n, n_features, self.table_width)
+
+    def lookup_rows(self, batch: TensorBatch) -> tuple[Tensor, LookupPlan]:
+        """The pooled rows of a batch, each distinct one once: ``(rows [R, 1 + dim], plan)``.
+
+        ``plan.index[b, f]`` is the row of ``rows`` holding sparse feature ``f``'s pooled table
+        row for batch row ``b`` (column 0 the first-order weight, ``1:`` the embedding): a
+        single-id feature's table row (``sum`` of one id), or a list's ``mean`` (zeros for an
+        empty list), as the tables' ``nn.EmbeddingBag`` modules pool. Each distinct id of a
+        batch is read once (:mod:`minutely.model.lookup`), so each table's sparse gradient
+        holds each touched row once, in increasing order. Raises :class:`SchemaError` naming
+        the feature for an id outside ``[0, buckets)`` or offsets that do not fit the batch.
+        """
+        n = len(batch)
+        names = self.sparse_names
+        jags = [batch.sparse[name] for name in names]
+        tables = [cast(Tensor, self.embeddings[name].weight) for name in names]
+        on_cpu = all(t.device.type == "cpu" for t in tables) and all(
+            j.values.device.type == "cpu" and j.offsets.device.type == "cpu" for j in jags
+        )
+        if not on_cpu or n == 0 or not names:
+            plan = direct_plan(n, len(names), batch.dense.device)
+            if not names:
+                return batch.dense.new_zeros(0, self.table_width), plan
+            pooled = torch.stack([self._pool(name, batch) for name in names], 1)
+            return pooled.view(n * len(names), self.table_width), plan
+        try:
+            plan = plan_lookup(
+                [j.values for j in jags],
+                [j.offsets for j in jags],
+                self._sum_pooled,
+                self.cfg.buckets,
+                n,
+            )
+        except FeatureInputError as exc:
+            raise self._lookup_error(names[exc.position], batch, str(exc)) from exc
+        rows = gather_rows(plan, tables)
+        if not plan.bags:
+            return rows, plan
+        parts = [rows]
+        for bag in plan.bags:
+            try:
+                parts.append(
+                    F.embedding_bag(
+                        bag.rows, rows, bag.offsets, mode=bag.mode, include_last_offset=True
+                    )
+                )
+            except (IndexError, RuntimeError) as exc:
+                raise self._lookup_error(names[bag.position], batch, str(exc)) from exc
+        return torch.cat(parts), plan
+
+    @property
+    def _sum_pooled(self) -> list[bool]:
+        return [f.kind == "sparse" for f in self.schema.sparse]
+
+    def _lookup_error(self, name: str, batch: TensorBatch, detail: str) -> SchemaError:
+        jag = batch.sparse[name]
+        v = jag.values
+        got = f"ids in [{int(v.min())}, {int(v.max())}]" if v.numel() else "no ids"
+        return SchemaError(
+            f"feature {name!r}: expected ids in [0, {self.cfg.buckets}) and "
+            f"{len(batch) + 1} offsets, got {got} and {jag.offsets.numel()} offsets ({detail})"
+        )
 
     def _pool(self, name: str, batch: TensorBatch) -> Tensor:
         jag = batch.sparse[name]
         try:
             out: Tensor = self.embeddings[name](jag.values, jag.offsets)
         except (IndexError, RuntimeError) as exc:
-            v = jag.values
-            got = f"ids in [{int(v.min())}, {int(v.max())}]" if v.numel() else "no ids"
-            raise SchemaError(
-                f"feature {name!r}: expected ids in [0, {self.cfg.buckets}) and "
-                f"{len(batch) + 1} offsets, got {got} and {jag.offsets.numel()} offsets ({exc})"
-            ) from exc
+            raise self._lookup_error(name, batch, str(exc)) from exc
         return out
 
     def dense_parts(self, batch: TensorBatch) -> tuple[Tensor, Tensor]:

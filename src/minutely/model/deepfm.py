@@ -11,6 +11,7 @@ from minutely.config import ModelConfig
 from minutely.data.tensors import TensorBatch
 from minutely.errors import ConfigError, SchemaError
 from minutely.model.base import CtrModel, optional_linear
+from minutely.model.lookup import interactions
 from minutely.schema import Schema
 
 
@@ -66,11 +67,10 @@ class DeepFM(CtrModel):
 
     def logits(self, batch: TensorBatch) -> Tensor:
         regular, hourly = self.dense_parts(batch)
-        rows = self.lookup(batch)
-        first = self.first_order_logit(rows, regular, hourly)
-        emb = rows[:, :, 1:]
-        total = emb.sum(1)
-        # sum_{i<j} <e_i, e_j> = ((sum e)^2 - sum e^2) / 2, in O(F * dim).
-        fm = 0.5 * (total * total - (emb * emb).sum(1)).sum(1)
-        deep: Tensor = self.mlp(emb.flatten(1), regular, hourly)
-        return first + fm + deep
+        rows, plan = self.lookup_rows(batch)
+        first_order, fm, emb = interactions(rows, plan)
+        # first_order_logit sums column 0 over features; the sum is taken already.
+        first = self.first_order_logit(first_order.view(-1, 1, 1), regular, hourly)
+        deep: Tensor = self.mlp(emb, regular, hourly)
+        out: Tensor = first + fm + deep
+        return out

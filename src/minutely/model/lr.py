@@ -24,4 +24,7 @@ class LogisticRegression(CtrModel):
 
     def logits(self, batch: TensorBatch) -> Tensor:
         regular, hourly = self.dense_parts(batch)
-        return self.first_order_logit(self.lookup(batch), regular, hourly)
+        rows, plan = self.lookup_rows(batch)
+        n, n_features = plan.index.shape
+        first_order = rows.index_select(0, plan.index.view(-1)).view(n, n_features, 1)
+        return self.first_order_logit(first_order, regular, hourly)
