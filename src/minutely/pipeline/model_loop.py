@@ -171,38 +171,28 @@ class ModelLoop:
         self.batch_model = build_model(model_cfg, schema)
         self.batch_trainer = Trainer(self.batch_model, cfg.train)
         st = dict(state or {})
-        self.samples = SampleWindows(
-            log,
-            model_cfg,
-            schema,
-            cfg.train.batch_size,
-            positions=_int_keys(st.get("positions", {})),
-            dead_letters=dead_letters,
-        )
-        self.batch_samples = SampleWindows(
-            log,
-            model_cfg,
-            schema,
-            cfg.train.batch_size,
-            positions=_int_keys(st.get("batch_positions", {})),
-            dead_letters=dead_letters,
-        )
+
+        def reader(key: str) -> SampleWindows:
+            """A reader of the model's samples topic from the checkpointed positions ``key``."""
+            positions = _int_keys(st.get(key, {}))
+            return SampleWindows(
+                log,
+                model_cfg,
+                schema,
+                cfg.train.batch_size,
+                positions=positions,
+                dead_letters=dead_letters,
+            )
+
+        self.samples = reader("positions")
+        self.batch_samples = reader("batch_positions")
         self.learner = OnlineLearner(self.trainer, self.samples, cfg.train)
         self._transform = transform
         self.hourly: _Shadow | None = None
         if hourly_shadow:
             hourly_model = build_model(model_cfg, schema)
             self.hourly = _Shadow(
-                hourly_model,
-                Trainer(hourly_model, cfg.train),
-                SampleWindows(
-                    log,
-                    model_cfg,
-                    schema,
-                    cfg.train.batch_size,
-                    positions=_int_keys(st.get("hourly_positions", {})),
-                    dead_letters=dead_letters,
-                ),
+                hourly_model, Trainer(hourly_model, cfg.train), reader("hourly_positions")
             )
         self.exporter = Exporter(
             registry,
