@@ -151,6 +151,30 @@ def test_the_trainer_trains_the_distilled_loss_of_its_teacher() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_teacher_logits_given_by_the_caller_train_as_the_teachers_own() -> None:
+    teacher = new_model(9)
+    own = Trainer(new_model(8), TrainConfig())
+    own.set_teacher(teacher)
+    given = Trainer(new_model(8), TrainConfig())
+    given.set_teacher(teacher)
+    ignored = Trainer(new_model(8), TrainConfig())  # no teacher: given logits change nothing
+    plain = Trainer(new_model(8), TrainConfig())
+    for k in range(10, 15):
+        b = batch(k)
+        with torch.no_grad():
+            z = teacher(b)
+        p_own = own.evaluate_then_train(b)
+        p_given = given.evaluate_then_train(b, z)
+        assert (p_own == p_given).all()
+        ignored.evaluate_then_train(b, z)
+        plain.evaluate_then_train(b)
+    a, g = own.model.flat_state_dict(), given.model.flat_state_dict()
+    assert all(torch.equal(a[k], g[k]) for k in a)
+    i, c = ignored.model.flat_state_dict(), plain.model.flat_state_dict()
+    assert all(torch.equal(i[k], c[k]) for k in i)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_alpha_zero_trains_exactly_the_base_loss() -> None:
     distilled = Trainer(new_model(6, alpha=0.0), TrainConfig())
     distilled.set_teacher(new_model(7, alpha=0.0))

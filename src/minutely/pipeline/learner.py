@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+from torch import Tensor
 
 from minutely.config import ModelConfig, TrainConfig
 from minutely.data import decode_batch, record_batch_to_tensors
@@ -190,12 +191,20 @@ class OnlineLearner:
             self.train_batches(list(self.windows.micro_batches(table)), train)
         return self.metrics.close_window(start_ms)
 
-    def train_batches(self, batches: list[TensorBatch], train: bool = True) -> None:
+    def train_batches(
+        self,
+        batches: list[TensorBatch],
+        train: bool = True,
+        teacher_logits: list[Tensor] | None = None,
+    ) -> None:
         """Score then train on ``batches`` in order (score only without ``train``), into the
-        open window's metrics."""
-        for batch in batches:
+        open window's metrics; ``teacher_logits[i]`` are the distillation teacher's logits on
+        ``batches[i]`` when the caller has computed them (see
+        :meth:`~minutely.train.Trainer.evaluate_then_train`)."""
+        for i, batch in enumerate(batches):
             if train:
-                preds = self.trainer.evaluate_then_train(batch)
+                given = None if teacher_logits is None else teacher_logits[i]
+                preds = self.trainer.evaluate_then_train(batch, given)
             else:
                 preds = self.trainer.predict(batch)
             # A correction repeats, as a positive, a sample already scored as a negative:

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import safetensors.torch
 import torch
+from torch import Tensor
 
 from minutely.clock import MS_PER_S
 from minutely.config import Config, ModelConfig
@@ -50,12 +51,18 @@ from minutely.evaluate import WindowReport
 from minutely.model import CtrModel, build_model
 from minutely.model.artifact import load_model
 from minutely.pipeline.day import BatchModeReport, train_batch_mode
-from minutely.pipeline.export import Exporter, ExportState, window_metrics
+from minutely.pipeline.export import (
+    Exporter,
+    ExportState,
+    GateVerdict,
+    score_batches,
+    window_metrics,
+)
 from minutely.pipeline.learner import OnlineLearner, SampleWindows
 from minutely.pipeline.monitor import Anomaly, Monitor, RollbackEvent, append_event
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
-from minutely.stream import Log
+from minutely.stream import DeadLetterSink, Log
 from minutely.train import Trainer, TrainerState, TrainingState, frozen_names
 
 logger = logging.getLogger("minutely.loop")
@@ -87,7 +94,7 @@ class WindowOutcome:
 
     report: WindowReport | None
     exported: Manifest | None = None
-    verdict: Any = None
+    verdict: GateVerdict | None = None
     anomaly: Anomaly | None = None
     rolled_back_to: str | None = None
 
@@ -149,7 +156,7 @@ class ModelLoop:
         model: CtrModel | None = None,
         trainer: Trainer | None = None,
         events_dir: Path | None = None,
-        dead_letters: Any = None,
+        dead_letters: DeadLetterSink | None = None,
         on_trained: Callable[[str, pa.Table], None] | None = None,
         hourly_shadow: bool = False,
         transform: Callable[[int, pa.Table], pa.Table] | None = None,
@@ -357,13 +364,16 @@ class ModelLoop:
         anomaly: Anomaly | None = None
         rolled_to: str | None = None
         live_preds: np.ndarray | None = None
+        teacher_logits: list[Tensor] | None = None
         if self.config.monitor.enabled and batches and self.warm is not None:
-            anomaly, live_preds = self._observe(end_ms, now_ms, batches)
+            anomaly, live_preds, warm_logits = self._observe(end_ms, now_ms, batches)
+            # The distillation teacher is the warm-start model: its logits serve both.
+            teacher_logits = warm_logits if self.trainer.teacher is not None else None
             if anomaly is not None and self.config.monitor.rollback:
                 rolled_to = self.rollback(anomaly, now_ms)
                 live_preds = None
         exported: Manifest | None = None
-        verdict: Any = None
+        verdict: GateVerdict | None = None
         if export and rolled_to is None:
             outcome = self.exporter.maybe_export_gated(
                 self.model,
@@ -383,7 +393,7 @@ class ModelLoop:
                     self.rolled_back = False
         if table is not None:
             self._audit("online", table)
-        self.learner.train_batches(batches)
+        self.learner.train_batches(batches, teacher_logits=teacher_logits)
         report = self.learner.metrics.close_window(start_ms)
         self._last_report = report
         if self._last_now_ms is not None and now_ms > self._last_now_ms:
@@ -394,15 +404,29 @@ class ModelLoop:
 
     def _observe(
         self, end_ms: int, now_ms: int, batches: list[TensorBatch]
-    ) -> tuple[Anomaly | None, np.ndarray | None]:
-        """Score the window with the live and the warm-start version; the monitor's verdict and
-        the live version's predictions (reused by the gate)."""
+    ) -> tuple[Anomaly | None, np.ndarray, list[Tensor]]:
+        """Score the window with the live and the warm-start version: the monitor's verdict,
+        the live version's predictions (the gate's too) and the warm-start model's logits per
+        batch (the distillation teacher's, so training does not compute them again)."""
         assert self.warm is not None
+        warm_model = self.warm.model
+        with torch.no_grad():
+            warm_logits = [warm_model(b) for b in batches]
+        keeps = [~b.is_correction.numpy() for b in batches]
+        warm_preds = np.concatenate(
+            [
+                warm_model.probabilities(z).numpy().astype(np.float64)[k]
+                for z, k in zip(warm_logits, keeps, strict=True)
+            ]
+        )
+        labels = np.concatenate(
+            [b.labels.numpy().astype(np.float64)[k] for b, k in zip(batches, keeps, strict=True)]
+        )
         live = self.live if self.live is not None else self.warm
-        labels = _labels(batches)
-        live_preds = _predict(live.model, batches)
-        warm_preds = (
-            live_preds if live.version == self.warm.version else _predict(self.warm.model, batches)
+        live_preds = (
+            warm_preds
+            if live.version == self.warm.version
+            else score_batches(live.model, batches)[0]
         )
         anomaly = self.monitor.observe(
             end_ms,
@@ -413,7 +437,7 @@ class ModelLoop:
             warm_version=self.warm.version,
             now_ms=now_ms,
         )
-        return anomaly, live_preds
+        return anomaly, live_preds, warm_logits
 
     def progress(self, now_ms: int) -> dict[str, Any]:
         """Lag of the last trained window behind ``now_ms`` (the service clock), throughput of
@@ -469,7 +493,7 @@ class ModelLoop:
             append_event(self._events_dir / EVENTS_FILE, event)  # logs it too
         else:
             logger.warning(
-                "%s: rolled back from %s to %s (%s)", self.name, live, *event_kind(event)
+                "%s: rolled back from %s to %s (%s)", self.name, live, event.to_version, event.kind
             )
         self.trainer.load_state(self._warm_state)
         self.live = self.warm
@@ -521,12 +545,11 @@ class ModelLoop:
 
     def _load_warm(self, version: str) -> None:
         """The warm-start version and its trainer state, from the registry (on a resume)."""
-        manifest, blobs = self.registry.load_resume(self.name, version)
+        _, blobs = self.registry.load_resume(self.name, version)
         self._warm_state = TrainingState.from_bytes(blobs[TRAINING_STATE])
         self.warm = self._version(version)
         if self.config.schedule.online:
             self.trainer.set_teacher(self.warm.model if self.cfg.distill_alpha > 0 else None)
-        del manifest
 
     def _version(self, version: str) -> _Version:
         manifest, model = load_model(
@@ -539,29 +562,11 @@ class ModelLoop:
             self._on_trained(kind, table)
 
 
-def event_kind(event: RollbackEvent) -> tuple[str, str]:
-    return event.to_version, event.kind
-
-
 def _frozen_copy(model: CtrModel) -> CtrModel:
     out = copy.deepcopy(model).eval()
     for p in out.parameters():
         p.requires_grad_(False)
     return out
-
-
-def _predict(model: CtrModel, batches: list[TensorBatch]) -> np.ndarray:
-    """Probabilities of the rows that are not corrections (a correction repeats a sample)."""
-    out = []
-    for b in batches:
-        keep = ~b.is_correction.numpy()
-        out.append(model.predict(b).numpy()[keep])
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
-def _labels(batches: list[TensorBatch]) -> np.ndarray:
-    out = [b.labels.numpy()[~b.is_correction.numpy()] for b in batches]
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
 # -- a model's state as checkpoint extras --------------------------------------------------------

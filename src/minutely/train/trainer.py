@@ -244,20 +244,31 @@ class Trainer:
         """One update on ``batch``; returns its loss before the update (``nan`` if empty)."""
         return self._step(batch)[0]
 
-    def evaluate_then_train(self, batch: TensorBatch) -> np.ndarray:
+    def evaluate_then_train(
+        self, batch: TensorBatch, teacher_logits: Tensor | None = None
+    ) -> np.ndarray:
         """Score ``batch``, then train on it: returns the predictions made before the update.
 
         One forward pass serves both (model outputs do not depend on train/eval mode).
+        ``teacher_logits`` are the teacher's logits on ``batch`` when the caller has them
+        already (it holds the same teacher and scored the batch with it): the distillation term
+        then uses them instead of running the teacher again.
         """
-        return self._step(batch)[1]
+        return self._step(batch, teacher_logits)[1]
 
-    def _step(self, batch: TensorBatch) -> tuple[float, np.ndarray]:
+    def _step(
+        self, batch: TensorBatch, teacher_logits: Tensor | None = None
+    ) -> tuple[float, np.ndarray]:
         if len(batch) == 0:
             return math.nan, np.empty(0, dtype=np.float32)
         for opt in self._optimizers.values():
             opt.zero_grad(set_to_none=True)
         logits = self.model(batch)
-        loss: Tensor = self.objective(logits, batch)
+        objective = self.objective
+        if teacher_logits is not None and isinstance(objective, DistilledLoss):
+            given = teacher_logits
+            objective = DistilledLoss(objective.base, lambda _batch: given, objective.alpha)
+        loss: Tensor = objective(logits, batch)
         value = float(loss.detach())
         preds = self.model.probabilities(logits.detach()).numpy()
         s = self._state
