@@ -252,17 +252,7 @@ class ModelLoop:
     def cut(self, cut_ms: int) -> CutOutcome:
         """Train the batch model on every sample released before ``cut_ms`` since the last cut,
         publish it as a warm-start version and, when online, restart the online model from it."""
-        tables: list[pa.Table] = []
-        report = train_batch_mode(
-            self.batch_trainer,
-            self.batch_samples,
-            cut_ms,
-            self.config.train.day_epochs,
-            self.config.train.seed,
-            on_table=tables.append,
-        )
-        for table in tables:
-            self._audit("batch", table)
+        report = self._train_slice("batch", self.batch_trainer, self.batch_samples, cut_ms)
         state = self.batch_trainer.snapshot()
         positions = self.batch_samples.positions()
         manifest = self.exporter.export(
@@ -310,18 +300,20 @@ class ModelLoop:
         its last step (nothing before the first cut)."""
         if self.hourly is None or self.warm is None:
             return None
-        tables: list[pa.Table] = []
-        report = train_batch_mode(
-            self.hourly.trainer,
-            self.hourly.samples,
+        return self._train_slice("hourly", self.hourly.trainer, self.hourly.samples, end_ms)
+
+    def _train_slice(
+        self, kind: str, trainer: Trainer, samples: SampleWindows, end_ms: int
+    ) -> BatchModeReport:
+        """Batch-train ``trainer`` on what ``samples`` holds released before ``end_ms``."""
+        return train_batch_mode(
+            trainer,
+            samples,
             end_ms,
             self.config.train.day_epochs,
             self.config.train.seed,
-            on_table=tables.append,
+            on_table=lambda table: self._audit(kind, table),
         )
-        for table in tables:
-            self._audit("hourly", table)
-        return report
 
     @property
     def hourly_model(self) -> CtrModel | None:

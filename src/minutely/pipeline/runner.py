@@ -1,12 +1,14 @@
 """The online pipeline: source -> raw log -> join -> samples log -> train -> export.
 
 One :meth:`OnlinePipeline.tick` advances the whole pipeline by one event-time window: one join
-stage writes every model's samples, and each model (:class:`ModelStages`) reads its own samples
-topic, tests then trains, and exports. A checkpoint (written atomically every
-``train.checkpoint_every_windows`` windows) holds, as one unit, every model's weights, optimizer
-state, sample positions and exporter state, the join's partitions (positions, joiner states,
-exactly-once writers), the simulator's writer and the settings that shape all of it, so a crash
-at any point resumes after the last processed item: nothing lost, nothing counted twice.
+stage writes every model's samples, and each model's
+:class:`~minutely.pipeline.model_loop.ModelLoop` reads its own samples topic (monitor, gated
+export, test then train) and makes the schedule's cuts. A checkpoint (written atomically every
+``train.checkpoint_every_windows`` windows) holds, as one unit, every model's online and batch
+weights, optimizer states, sample positions, exporter and monitor state, the join's partitions
+(positions, joiner states, exactly-once writers), the simulator's writer and the settings that
+shape all of it, so a crash at any point resumes after the last processed item: nothing lost,
+nothing counted twice.
 """
 
 from __future__ import annotations
@@ -47,17 +49,26 @@ PIPELINE_STATE = "pipeline.json"
 
 @dataclass(frozen=True)
 class TickResult:
-    """What one tick did: the window's raw events and, per model, the window it trained
-    (``windows``, empty when the tick did not train), the version it published, the cuts it
-    made (batch model trained and published as a warm-start version) and the rollbacks."""
+    """What one tick did: the window's raw events and, per model, what its window did
+    (``outcomes``: report, version published, gate verdict, anomaly, rollback; none when the
+    tick did not train) and the cuts it made (batch model trained and published as a
+    warm-start version)."""
 
     start_ms: int
     end_ms: int
     events: EventBatch
-    windows: dict[str, WindowReport]
-    exported: dict[str, Manifest]
-    cuts: dict[str, list[CutOutcome]] = field(default_factory=dict)
     outcomes: dict[str, WindowOutcome] = field(default_factory=dict)
+    cuts: dict[str, list[CutOutcome]] = field(default_factory=dict)
+
+    @property
+    def windows(self) -> dict[str, WindowReport]:
+        """Per model, the window its online model trained."""
+        return {n: o.report for n, o in self.outcomes.items() if o.report is not None}
+
+    @property
+    def exported(self) -> dict[str, Manifest]:
+        """Per model, the version it published."""
+        return {n: o.exported for n, o in self.outcomes.items() if o.exported is not None}
 
 
 class OnlinePipeline:
@@ -213,19 +224,12 @@ class OnlinePipeline:
         self.clock.advance_to(end_ms)
         self.join.run()
         self.join.advance_to(end_ms)
-        windows: dict[str, WindowReport] = {}
-        exported: dict[str, Manifest] = {}
         cuts: dict[str, list[CutOutcome]] = {}
         outcomes: dict[str, WindowOutcome] = {}
         for name, loop in self.models.items():
             if not train:
                 continue
-            out = loop.window(start, end_ms, now_ms=end_ms, export=export)
-            outcomes[name] = out
-            if out.report is not None:
-                windows[name] = out.report
-            if out.exported is not None:
-                exported[name] = out.exported
+            outcomes[name] = loop.window(start, end_ms, now_ms=end_ms, export=export)
             if loop.hourly is not None:
                 for hour in range(start // MS_PER_HOUR + 1, end_ms // MS_PER_HOUR + 1):
                     loop.hour_end(hour * MS_PER_HOUR)
@@ -235,7 +239,7 @@ class OnlinePipeline:
         self.windows_done += 1
         if self.windows_done % self.cfg.train.checkpoint_every_windows == 0:
             self.checkpoint()
-        return TickResult(start, end_ms, events, windows, exported, cuts, outcomes)
+        return TickResult(start, end_ms, events, outcomes, cuts)
 
     def cut(self, cut_ms: int) -> dict[str, CutOutcome]:
         """Make a cut at ``cut_ms`` now for every model that has not made one at or after it

@@ -1,11 +1,13 @@
 """``minutely train --model NAME``: a model's samples topic -> test-then-train -> exports.
 
 The service reads every partition of the model's samples topic, closes a window ``(s, e]`` once
-every partition has passed ``e`` (see :class:`~minutely.pipeline.learner.SampleWindows`), scores
-then trains on the window's samples, and publishes a version when the export policy says so.
-Its checkpoint (one atomic directory, :mod:`minutely.train.checkpoint`) holds the weights, the
-optimizer state, the positions of the messages it has trained on, the exporter's state, the next
-window and the settings that shape what it trains on. Killed at any moment and restarted, it
+every partition has passed ``e`` (see :class:`~minutely.pipeline.learner.SampleWindows`) and
+hands it to the model's :class:`~minutely.pipeline.model_loop.ModelLoop`: monitor, gated
+export, test then train, and the schedule's cuts; while no window completes it checks the
+monitor's stall timeout on its clock. Its checkpoint (one atomic directory,
+:mod:`minutely.train.checkpoint`) holds the online weights and optimizer state, the loop's state
+(positions, exporter, monitor, batch model), the next window and the settings that shape what it
+trains on. Killed at any moment and restarted, it
 resumes after the last checkpointed window and trains the same windows again, with the same
 contents: a window's contents depend only on the log, never on when the service read it.
 
