@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +28,7 @@ from minutely.registry import (
     WEIGHTS_FILE,
     Manifest,
     Registry,
+    file_entry,
 )
 from minutely.schema import FeatureSpec, Schema
 
@@ -219,17 +220,17 @@ def _rewrite_manifest(reg: Registry, m: Manifest, **changes: Any) -> Path:
     return path
 
 
+def _entry_doc(data: bytes, chunk_bytes: int) -> dict[str, Any]:
+    return dataclasses.asdict(file_entry(data, chunk_bytes))
+
+
 def test_unreadable_safetensors_with_matching_checksum_is_an_artifact_error(
     reg: Registry,
 ) -> None:
     m = _publish(reg)
     garbage = b"\x00" * 64
     (reg.root / "ctr" / m.version / WEIGHTS_FILE).write_bytes(garbage)
-    _rewrite_manifest(
-        reg,
-        m,
-        files={WEIGHTS_FILE: {"sha256": hashlib.sha256(garbage).hexdigest(), "bytes": 64}},
-    )
+    _rewrite_manifest(reg, m, files={WEIGHTS_FILE: _entry_doc(garbage, m.chunk_bytes)})
     with pytest.raises(ArtifactError, match=r"expected safetensors data, got an unreadable file"):
         reg.load("ctr", m.version, expected_fingerprint=FP)
 
@@ -243,7 +244,7 @@ def test_manifest_without_weights_entry_is_refused(reg: Registry) -> None:
 
 def test_manifest_file_names_cannot_escape_the_version(reg: Registry) -> None:
     m = _publish(reg)
-    entry = {"sha256": m.files[WEIGHTS_FILE].sha256, "bytes": m.files[WEIGHTS_FILE].bytes}
+    entry = dataclasses.asdict(m.files[WEIGHTS_FILE])
     _rewrite_manifest(reg, m, files={WEIGHTS_FILE: entry, "../../etc": entry})
     with pytest.raises(
         ArtifactError, match=r"files: expected plain file names, got '\.\./\.\./etc'"
@@ -298,7 +299,7 @@ def test_unsupported_manifest_version_names_the_file(reg: Registry) -> None:
     path = _rewrite_manifest(reg, m, manifest_version=99)
     with pytest.raises(
         ArtifactError,
-        match=rf"^{path}: unsupported manifest_version: expected one of \[1, 2\], got 99",
+        match=rf"^{path}: unsupported manifest_version: expected one of \[1, 2, 3\], got 99",
     ):
         reg.load("ctr", m.version, expected_fingerprint=FP)
 
@@ -522,7 +523,11 @@ def test_a_full_disk_during_publish_names_the_file_and_leaves_nothing(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(StorageError, match=r"/\.tmp-\w+/weights\.safetensors: expected to sync"):
+    with pytest.raises(
+        StorageError,
+        match=r"/\.tmp-\w+/weights\.safetensors: expected to write \d+ bytes durably, got a full "
+        r"file system \(ENOSPC",
+    ):
         _publish(reg, seed=1)
     monkeypatch.undo()
     assert sorted(p.name for p in (reg.root / "ctr").iterdir()) == ["v00000001"]
