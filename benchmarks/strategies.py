@@ -93,8 +93,8 @@ from minutely.demo.replay import (
     score,
 )
 from minutely.demo.server import ServerProcess
+from minutely.pipeline.origin import publisher_registry
 from minutely.pipeline.runner import OnlinePipeline
-from minutely.registry import Registry
 from minutely.schema import Schema, default_schema
 from minutely.sim import IMP_ID_STRIDE, Market
 from minutely.stream import open_log
@@ -279,7 +279,7 @@ def run_strategy(
     online_start = start + MS_PER_DAY
     window_ms = cfg.train.window_s * 1000
     log = open_log(cfg.stream, run_dir)
-    registry = Registry(run_dir / cfg.export.registry_dir)
+    registry = publisher_registry(cfg, run_dir)
     pipe = OnlinePipeline(
         cfg,
         schema,

@@ -228,16 +228,19 @@ def _service(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from minutely.pipeline.origin import registry_location
     from minutely.serve.cli import main as serve_main
 
-    argv = ["--registry", str(args.run_dir / cfg.export.registry_dir)]
+    location = registry_location(cfg, args.run_dir)
+    argv = ["--registry", str(location)]
     for m in cfg.models:
         argv += ["--model", m.name]
     argv += ["--host", cfg.serve.host, "--port", str(cfg.serve.port)]
     argv += ["--poll-interval", str(cfg.serve.poll_interval_s)]
     if args.port_file is not None:
         argv += ["--port-file", str(args.port_file)]
-    (args.run_dir / cfg.export.registry_dir).mkdir(parents=True, exist_ok=True)
+    if isinstance(location, Path):
+        location.mkdir(parents=True, exist_ok=True)
     return serve_main(argv)
 
 

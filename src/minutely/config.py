@@ -235,13 +235,64 @@ class ExportConfig:
     every_min: int = field(default=10, metadata=_range(1))
     min_samples: int = field(default=1_000, metadata=_range(0))
     min_trained_min: int = field(default=10, metadata=_range(0))
-    registry_dir: str = "registry"
     keep_versions: int = field(default=24, metadata=_range(1))  # plus base and pinned ones
     gate: bool = True
     gate_max_auc_drop: float = field(default=0.02, metadata=_range(0.0, 1.0))
     gate_pcoc_min: float = field(default=0.6, metadata=_range(0.0))
     gate_pcoc_max: float = field(default=1.67, metadata=_range(0.0))
     gate_min_positives: int = field(default=30, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Where model versions are published and how they are checked (see :mod:`minutely.registry`).
+
+    ``uri`` is a folder (a relative one is taken inside the run folder) or an object-store URL
+    (``s3://bucket/prefix``) opened through fsspec with ``storage_options`` (dotted keys nest:
+    ``"client_kwargs.endpoint_url"`` is s3fs's ``client_kwargs={"endpoint_url": ...}``). Every
+    file of a version is split into ``chunk_kib`` KiB chunks, each with its sha256 in the
+    manifest (what servers fetch from one another). Between full versions the online model
+    publishes sparse deltas, at most ``delta_chain_max`` in a row (0: every version full).
+    Manifests are signed with the Ed25519 private key in ``signing_key`` and servers verify them
+    with ``public_key`` (PEM files; empty: ``<run>/keys/signing.pem`` and ``public.pem``, made by
+    the first publisher of the run). New versions and serving changes are announced on
+    ``announce_topic`` of the stream log.
+    """
+
+    uri: str = "registry"
+    storage_options: Mapping[str, str] = field(default_factory=FrozenMap)
+    chunk_kib: int = field(default=4_096, metadata=_range(1, 1 << 20))
+    delta_chain_max: int = field(default=8, metadata=_range(0, 10_000))
+    signing_key: str = ""
+    public_key: str = ""
+    announce_topic: str = "model-versions"
+
+    def __post_init__(self) -> None:
+        if not self.uri.strip():
+            raise ConfigError("registry.uri", "a folder or an object-store URL", self.uri)
+        if not isinstance(self.storage_options, FrozenMap):
+            object.__setattr__(self, "storage_options", FrozenMap(self.storage_options))
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """Peer-to-peer distribution of versions to the servers of a region (:mod:`minutely.fleet`).
+
+    Each server host runs an agent that fetches new versions chunk by chunk from the peers the
+    region's ``tracker`` (its URL; empty: no peers, every agent pulls from the origin) names,
+    ``max_transfers`` at a time, into ``cache_dir`` (a relative one inside the run folder), and
+    checks the origin every ``poll_interval_s`` besides the announcements. A tracker forgets a
+    peer silent for ``peer_ttl_s`` and hands a chunk nobody holds to one agent at a time for
+    ``lease_s`` (so a region fetches about one copy from the origin).
+    """
+
+    tracker: str = ""
+    region: str = "local"
+    cache_dir: str = "fleet"
+    max_transfers: int = field(default=4, metadata=_range(1, 256))
+    poll_interval_s: float = field(default=5.0, metadata=_range(0.01))
+    peer_ttl_s: float = field(default=30.0, metadata=_range(0.1))
+    lease_s: float = field(default=10.0, metadata=_range(0.01))
 
 
 @dataclass(frozen=True)
@@ -415,6 +466,8 @@ class Config:
     train: TrainConfig = TrainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
+    fleet: FleetConfig = FleetConfig()
     monitor: MonitorConfig = MonitorConfig()
     serve: ServeConfig = ServeConfig()
     demo: DemoConfig = DemoConfig()

@@ -55,6 +55,7 @@ from minutely.model import CtrModel
 from minutely.model.artifact import load_model
 from minutely.pipeline.model_loop import EVENTS_FILE, ModelLoop
 from minutely.pipeline.monitor import read_events
+from minutely.pipeline.origin import publisher_registry
 from minutely.pipeline.runner import OnlinePipeline
 from minutely.registry import Registry
 from minutely.schema import default_schema
@@ -188,13 +189,12 @@ def run_demo(
     _check_run_folder(run_dir, resume)
     # Every folder the run writes is checked now, not when the first write fails mid-run.
     ensure_writable_dir(run_dir, "run folder")
-    ensure_writable_dir(run_dir / cfg.export.registry_dir, "registry folder")
     ensure_writable_dir(run_dir / "checkpoints", "checkpoint folder")
     echo(f"minutely demo: run folder {run_dir} (models {', '.join(names)})")
     schema = default_schema()
     market = Market(cfg.sim, schema)
     log = open_log(cfg.stream, run_dir)
-    registry = Registry(run_dir / cfg.export.registry_dir)
+    registry = publisher_registry(cfg, run_dir)
     start = cfg.sim.start_ms
     online_start = start + (cfg.demo.days - 1) * MS_PER_DAY
     window_ms = cfg.train.window_s * 1000

@@ -26,10 +26,10 @@ from minutely.config import Config
 from minutely.errors import StreamError
 from minutely.pipeline.join_service import JoinService
 from minutely.pipeline.model_loop import CutOutcome, run_batch_mode
+from minutely.pipeline.origin import Announcer, publisher_registry
 from minutely.pipeline.services import serve_loop
 from minutely.pipeline.sim_service import SimulateService
 from minutely.pipeline.train_service import TrainService
-from minutely.registry import Registry
 from minutely.schema import default_schema
 from minutely.stream import Log, open_log
 
@@ -188,12 +188,14 @@ def run_batch(
     torch.set_num_threads(1)
     log = open_log(cfg.stream, run_dir)
     try:
+        registry = publisher_registry(cfg, run_dir)
+        Announcer(registry, log, cfg.registry.announce_topic)
         return run_batch_mode(
             cfg,
             model,
             default_schema(),
             log,
-            Registry(run_dir / cfg.export.registry_dir),
+            registry,
             mode=mode,
             end_ms=end_ms,
             start_ms=start_ms,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import ArrayLike, NDArray
 
 from minutely.config import ExportConfig, ModelConfig
@@ -294,12 +295,19 @@ class Exporter:
         schema: Schema,
         cfg: ExportConfig,
         state: ExportState | None = None,
+        *,
+        delta_chain_max: int = 0,
     ) -> None:
         self._registry = registry
         self._model_cfg = model_cfg
         self._schema = schema
         self._cfg = cfg
         self.state = state if state is not None else ExportState()
+        self._delta_chain_max = delta_chain_max
+        # The last version this exporter published and a copy of exactly its tensors: what the
+        # next version is published as a sparse delta against (none after a restore: the first
+        # export of an incarnation is a full version).
+        self._published: tuple[str, dict[str, torch.Tensor]] | None = None
 
     # -- policy ---------------------------------------------------------------------------------
 
@@ -372,7 +380,10 @@ class Exporter:
     ) -> Manifest:
         """Publish now; ``as_base`` marks a day model that later online versions descend from
         (a warm-start version in the manifest). ``mode``, ``resume`` and ``resume_positions``
-        go to :meth:`Registry.publish <minutely.registry.Registry.publish>` as they are.
+        go to :meth:`Registry.publish <minutely.registry.Registry.publish>` as they are. With
+        ``delta_chain_max`` > 0 the version is a sparse delta on top of the last version this
+        exporter published (the rows and tensors that changed since), while that version's
+        chain of deltas is shorter than ``delta_chain_max``; else a full version.
 
         Exactly once across a restore: if the registry already holds the version this export
         would publish (same time, parent, base and sample count), an incarnation that crashed
@@ -383,9 +394,10 @@ class Exporter:
         if done is not None:
             self._record(done, now_ms, samples_seen, as_base)
             return done
+        tensors = {k: v.detach() for k, v in model.state_dict().items()}
         manifest = self._registry.publish(
             self._model_cfg.name,
-            {k: v.detach() for k, v in model.state_dict().items()},
+            tensors,
             created_ms=now_ms,
             arch=self._model_cfg.arch,
             model_config=dataclasses.asdict(self._model_cfg),
@@ -399,7 +411,11 @@ class Exporter:
             warm_start=as_base,
             resume=resume,
             resume_positions=resume_positions,
+            delta_from=self._published if self._delta_chain_max > 0 else None,
+            max_chain=self._delta_chain_max,
         )
+        if self._delta_chain_max > 0:
+            self._published = (manifest.version, {k: v.clone() for k, v in tensors.items()})
         # Retention: the newest keep_versions, plus every kept version's base and a pinned one.
         self._registry.prune(self._model_cfg.name, keep=self._cfg.keep_versions)
         self._record(manifest, now_ms, samples_seen, as_base)

@@ -207,6 +207,7 @@ class ModelLoop:
             schema,
             cfg.export,
             ExportState.from_dict(st["exporter"]) if "exporter" in st else None,
+            delta_chain_max=cfg.registry.delta_chain_max,
         )
         self.monitor = Monitor(cfg.monitor)
         if "monitor" in st:

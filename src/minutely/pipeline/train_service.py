@@ -35,8 +35,9 @@ from minutely.evaluate import WindowReport
 from minutely.model import build_model
 from minutely.pipeline.appender import ExactlyOnceWriter
 from minutely.pipeline.model_loop import ModelLoop, cuts_between
+from minutely.pipeline.origin import Announcer, publisher_registry
 from minutely.pipeline.settings import check_settings, output_settings
-from minutely.registry import Manifest, Registry
+from minutely.registry import Manifest
 from minutely.schema import default_schema
 from minutely.stream import DeadLetterSink, Log
 from minutely.train import Trainer, frozen_names, load_latest_checkpoint, save_checkpoint
@@ -64,7 +65,8 @@ class TrainService:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(self.model_cfg, self.schema)
         self.trainer = Trainer(self.model, cfg.train, frozen=frozen_names(self.model))
-        self.registry = Registry(run_dir / cfg.export.registry_dir)
+        self.registry = publisher_registry(cfg, run_dir)
+        Announcer(self.registry, log, cfg.registry.announce_topic)
         self.checkpoint_dir = run_dir / "checkpoints" / f"train-{model_name}"
         self.window_ms = cfg.train.window_s * 1000
         self._audit_dir = audit_dir
