@@ -102,7 +102,7 @@ class AgentSettings:
     """What an agent fetches, from where, and how (validated by :meth:`check`).
 
     ``origin`` is a registry root (folder or fsspec URL) read with ``origin_options`` (fsspec
-    storage options; ``use_listings_cache`` is off unless set, so new versions show at once);
+    storage options);
     ``local_registry`` the folder the inference workers load from; ``public_key`` a PEM
     Ed25519 key every manifest must be signed with (``None``: signatures are not checked).
     ``tracker`` is the region's tracker URL (``None``: origin only). ``max_bytes_per_s`` caps
@@ -272,11 +272,7 @@ class Agent:
             f"{settings.region}-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         )
         if origin is None:
-            options = dict(settings.origin_options)
-            if "://" in settings.origin and not settings.origin.startswith("file://"):
-                # the agent polls for versions that appear: a cached listing would hide them
-                options.setdefault("use_listings_cache", False)
-            origin = Registry(settings.origin, storage_options=options)
+            origin = Registry(settings.origin, storage_options=dict(settings.origin_options))
         if local is None:
             verifier = (
                 None if settings.public_key is None else Verifier.from_pem_file(settings.public_key)

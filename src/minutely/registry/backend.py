@@ -219,8 +219,12 @@ class FsspecStore(Store):
         import fsspec.core  # only object-store registries need it
 
         self.location = url.rstrip("/")
+        options = dict(storage_options)
+        # A cached listing would hide a version published after it was made (s3fs keeps
+        # answering "no such file" for its manifest): a registry is read to see what is new.
+        options.setdefault("use_listings_cache", False)
         try:
-            fs, path = fsspec.core.url_to_fs(self.location, **dict(storage_options))
+            fs, path = fsspec.core.url_to_fs(self.location, **options)
         except (ImportError, ValueError, TypeError) as exc:
             raise StorageError(
                 f"registry {self.location}: expected a local folder or a URL of a file system "

@@ -29,8 +29,10 @@ True
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from minutely.errors import ArtifactError
 
@@ -44,6 +46,8 @@ def make_delta(
 ) -> dict[str, torch.Tensor] | None:
     """The delta that turns ``parent`` into ``new`` (see the module); ``None`` when the two do
     not have the same names, shapes and dtypes."""
+    import torch
+
     if set(parent) != set(new) or any(_SEP in name for name in new):
         return None
     out: dict[str, torch.Tensor] = {}
@@ -110,6 +114,8 @@ def apply_delta(
 def _apply_rows(
     name: str, base: torch.Tensor, rows: torch.Tensor, delta: Mapping[str, torch.Tensor]
 ) -> torch.Tensor:
+    import torch
+
     key = name + ROWS_SUFFIX
     values = delta.get(name + VALUES_SUFFIX)
     if values is None:
@@ -148,10 +154,14 @@ def _parent_tensor(parent: Mapping[str, torch.Tensor], name: str, key: str) -> t
 
 def _row_bits(t: torch.Tensor) -> torch.Tensor:
     """Each row of ``t`` as raw bytes (a 2-d uint8 tensor)."""
+    import torch
+
     return t.reshape(t.shape[0], -1).view(torch.uint8)
 
 
 def _flat_bits(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return t.reshape(-1).view(torch.uint8)
 
 

@@ -56,12 +56,9 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-import safetensors
-import safetensors.torch
-import torch
 
 from minutely.errors import (
     ArtifactError,
@@ -85,6 +82,9 @@ from minutely.registry.manifest import (
 )
 from minutely.registry.signing import Signer, Verifier
 from minutely.schema import Schema
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -720,6 +720,8 @@ def _finite_metrics(model: str, metrics: Mapping[str, float]) -> dict[str, float
 
 def _prepare_tensors(model: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CPU, contiguous, and no two entries sharing memory (what safetensors can store)."""
+    import torch  # here, not at the top: the fleet's agents use the registry without torch
+
     out: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for name, t in tensors.items():
@@ -741,6 +743,9 @@ def _prepare_tensors(model: str, tensors: Mapping[str, torch.Tensor]) -> dict[st
 def _serialize(
     model: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None
 ) -> bytes:
+    import safetensors
+    import safetensors.torch
+
     try:
         return bytes(safetensors.torch.save(tensors, metadata=metadata))
     except (safetensors.SafetensorError, ValueError, RuntimeError) as exc:
@@ -750,6 +755,9 @@ def _serialize(
 
 
 def _load_tensors(data: bytes, path: str) -> dict[str, torch.Tensor]:
+    import safetensors
+    import safetensors.torch
+
     try:
         return safetensors.torch.load(data)
     except safetensors.SafetensorError as exc:
