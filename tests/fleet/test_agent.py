@@ -8,6 +8,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -522,7 +523,38 @@ def test_only_the_newest_installed_versions_are_served(origin: Origin, fleet: Fl
     assert sorted(tracker.swarm(MODEL, v2)["peers"]) == ["a"]
     assert a.agent.read_chunk(MODEL, v1, 0) is None
     assert a.agent.read_chunk(MODEL, v2, 0) is not None
-    assert a.local.versions(MODEL) == [v1, v2]  # still installed, only not served to peers
+    assert a.local.versions(MODEL) == [v2]  # and removed from the local registry
+
+
+def test_a_pin_set_on_the_server_holds_until_the_origin_pin_moves(
+    origin: Origin, fleet: Fleet
+) -> None:
+    v1 = publish(origin.registry, tensors(64, seed=21)).version
+    v2 = publish(origin.registry, tensors(64, seed=22)).version
+    a = fleet.agent(str(origin.root), name="a")
+    a.agent.fetch(MODEL, v1)
+    a.agent.sync_once()
+    a.local.pin(MODEL, v1)  # what the server's admin endpoint does
+    a.agent.sync_once()
+    assert a.local.serving_version(MODEL) == v1  # the origin's pointer did not move
+    origin.registry.pin(MODEL, v2)
+    a.agent.sync_once()
+    assert a.local.pinned(MODEL) == v2  # it moved: mirrored
+
+
+def test_a_sync_request_makes_the_agent_check_the_origin_at_once(
+    origin: Origin, fleet: Fleet
+) -> None:
+    v0 = publish(origin.registry, tensors(64, seed=24)).version
+    a = fleet.agent(str(origin.root), name="a", poll_interval_s=3_600.0)
+    a.agent.start(a.server.url)  # background polling, next check in an hour
+    wait_for("the first check", lambda: v0 in a.local.versions(MODEL), 10)
+    v1 = publish(origin.registry, tensors(64, seed=23)).version
+    time.sleep(0.3)
+    assert v1 not in a.local.versions(MODEL)
+    r = httpx.post(f"{a.server.url}/v1/sync")
+    assert (r.status_code, r.json()) == (202, {"sync": "scheduled"})
+    wait_for("the announced version", lambda: v1 in a.local.versions(MODEL), 10)
 
 
 def test_closing_the_agent_cuts_a_fetch_short_and_keeps_its_chunks(

@@ -32,8 +32,12 @@ The agent serves ``GET /v1/chunks/{model}/{version}/{i}`` (verified chunks only;
 otherwise) and ``GET /v1/status``: per model the versions installed, those in progress with
 chunks held and total, when each fetch started and finished (epoch seconds), the refusals and
 the counters (chunks and bytes from peers and from the origin, chunks resumed from the cache,
-chunks and bytes served, peers dropped, refusals, fetch errors). It mirrors the origin's
-rollback pointer into the local registry. The agent handles bytes only: it never loads a model.
+chunks and bytes served, peers dropped, refusals, fetch errors); ``POST /v1/sync`` makes it
+check the origin at once (what a follower of the announcement topic calls). It mirrors the
+origin's rollback pointer into the local registry when that pointer changes (a pin set on the
+server itself holds until then), and keeps the newest ``announce_versions`` versions of each
+model there (and what they need: pinned, bases, delta parents). The agent handles bytes only:
+it never loads a model.
 Stopping the agent (SIGTERM) cuts a fetch short between chunks; the next start resumes it.
 
 ``python -m minutely.fleet.agent --origin s3://bucket/registry --origin-option
@@ -226,6 +230,9 @@ class _TrackerDownError(Exception):
     pass
 
 
+_UNSEEN = "<not seen yet>"  # no version has this name
+
+
 class _StoppedError(Exception):
     """A fetch cut short because the agent is stopping (its chunks stay in the cache)."""
 
@@ -304,6 +311,10 @@ class Agent:
         self._rate_lock = threading.Lock()
         self._rate_next = 0.0
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        # The origin's pin as the last sync saw it: mirrored when it changes, so a pin an
+        # operator sets on this server (admin endpoint) holds until the origin's pin moves.
+        self._origin_pins: dict[str, str | None] = {}
         self._threads: list[threading.Thread] = []
         self.app = self._create_app()
 
@@ -323,6 +334,7 @@ class Agent:
     def close(self) -> None:
         """Stop the background threads, tell the tracker this peer leaves, release clients."""
         self._stop.set()
+        self._wake.set()
         for thread in self._threads:
             thread.join(timeout=30)
         if self._tracker is not None:
@@ -362,11 +374,13 @@ class Agent:
                 if version not in self.local.versions(model):
                     self.fetch(model, version)
                     installed.append((model, version))
-                if self.local.pinned(model) != pinned:
-                    if pinned is None:
-                        self.local.unpin(model)
-                    else:
-                        self.local.pin(model, pinned)
+                if self._origin_pins.get(model, _UNSEEN) != pinned:
+                    if self.local.pinned(model) != pinned:
+                        if pinned is None:
+                            self.local.unpin(model)
+                        else:
+                            self.local.pin(model, pinned)
+                    self._origin_pins[model] = pinned
             except ArtifactError:
                 continue  # a refusal: logged and counted where it happened
             except (MinutelyError, OSError) as exc:
@@ -374,13 +388,18 @@ class Agent:
                 logger.warning("sync of %s failed (retried next poll): %s", model, exc)
         return installed
 
+    def wake(self) -> None:
+        """Check the origin now instead of at the next poll (an announcement came)."""
+        self._wake.set()
+
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             try:
                 self.sync_once()
             except _StoppedError:
                 return
-            self._stop.wait(self.settings.poll_interval_s)
+            self._wake.wait(self.settings.poll_interval_s)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_s):
@@ -765,7 +784,12 @@ class Agent:
 
     def _retire_old(self, model: str) -> None:
         """Stop serving installed versions of ``model`` older than the newest
-        ``announce_versions`` (the tracker is told they are no longer held here)."""
+        ``announce_versions`` (the tracker is told they are no longer held here) and remove
+        them from the local registry (what a kept version needs stays)."""
+        try:
+            self.local.prune(model, keep=self.settings.announce_versions)
+        except (MinutelyError, OSError) as exc:
+            logger.warning("pruning the local registry of %s failed: %s", model, exc)
         with self._lock:
             installed = sorted(
                 (h for h in self._holdings.values() if h.model == model and h.installed),
@@ -943,9 +967,14 @@ class Agent:
                 )
             return Response(data, media_type="application/octet-stream")
 
+        async def sync(request: Request) -> Response:
+            self.wake()
+            return json_response(202, {"sync": "scheduled"})
+
         return Starlette(
             routes=[
                 Route("/v1/status", status, methods=["GET"]),
+                Route("/v1/sync", sync, methods=["POST"]),
                 Route("/v1/chunks/{model}/{version}/{index:int}", chunk, methods=["GET"]),
             ],
             exception_handlers={HTTPException: http_exception},
