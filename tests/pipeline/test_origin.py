@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from pathlib import Path
 
 import msgspec
@@ -16,6 +19,7 @@ from minutely.pipeline.origin import (
     Announcer,
     decode_announcement,
     ensure_keys,
+    follow_announcements,
     fsspec_options,
     publisher_registry,
     reader_registry,
@@ -165,3 +169,45 @@ def test_an_exporter_without_deltas_publishes_full_versions(tmp_path: Path) -> N
     a = exporter.export(model, 600_000, 0, {})
     b = exporter.export(model, 1_200_000, 0, {})
     assert (a.delta_of, b.delta_of) == (None, None)
+
+
+def test_a_follower_sees_announcements_made_after_it_started(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(None)
+    log = open_log(StreamConfig(), tmp_path)
+    registry = publisher_registry(cfg, tmp_path)
+    Announcer(registry, log, "model-versions")
+    kw = {
+        "created_ms": 5,
+        "arch": "lr",
+        "model_config": {"arch": "lr"},
+        "schema": SCHEMA,
+        "metrics": {},
+        "samples_seen": 0,
+    }
+    before = registry.publish("ctr", {"w": torch.zeros(2)}, **kw).version  # not seen
+    got: list[tuple[str, str | None]] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=follow_announcements,
+        args=(log, "model-versions", {"ctr"}, lambda a: got.append((a.model, a.version)), stop),
+        kwargs={"poll_s": 0.05},
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="minutely.pipeline.origin"):
+            thread.start()
+            time.sleep(0.3)
+            log.append("model-versions", [(b"ctr", b"not json", 1)])
+            registry.publish("cvr", {"w": torch.zeros(2)}, **kw)  # another model: skipped
+            after = registry.publish("ctr", {"w": torch.ones(2)}, **kw).version
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        thread.join(10)
+        log.close()
+    assert got == [("ctr", after)]
+    assert before != after
+    assert any("not an announcement" in r.getMessage() for r in caplog.records)

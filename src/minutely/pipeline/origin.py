@@ -22,7 +22,9 @@ PosixPath('runs/x/registry')
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,38 @@ class Announcer:
             self._log.append(self._topic, [(model.encode(), _ENC.encode(msg), msg.sent_ms)])
         except Exception as exc:  # announcing is best effort; polling is the fallback
             logger.warning("announce %s on %s failed: %s", model, self._topic, exc)
+
+
+def follow_announcements(
+    log: Log,
+    topic: str,
+    models: Collection[str],
+    on_announce: Callable[[Announcement], None],
+    stop: threading.Event,
+    *,
+    poll_s: float = 0.5,
+) -> None:
+    """Call ``on_announce`` for every announcement of one of ``models`` appended to ``topic``
+    from now on, until ``stop`` is set (run it on a thread). A message that is not an
+    announcement is logged and skipped; a log that cannot be read is retried."""
+    log.create_topic(topic, 1)
+    consumer = log.consumer(topic)
+    try:
+        consumer.assign({p: log.end_offset(topic, p) for p in range(log.partitions(topic))})
+        while not stop.is_set():
+            try:
+                records = consumer.poll(100, timeout_s=poll_s)
+            except Exception as exc:  # the log is away for a moment: polling covers meanwhile
+                logger.warning("reading %s failed (retrying): %s", topic, exc)
+                stop.wait(poll_s)
+                continue
+            for r in records:
+                try:
+                    msg = decode_announcement(r.value)
+                except msgspec.DecodeError as exc:
+                    logger.warning("%s offset %d: not an announcement: %s", topic, r.offset, exc)
+                    continue
+                if msg.model in models:
+                    on_announce(msg)
+    finally:
+        consumer.close()
