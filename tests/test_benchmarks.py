@@ -110,3 +110,56 @@ def test_strategies_benchmark_scores_every_request_of_every_strategy() -> None:
         assert ctr["b"]["hours"] == [regime["regime_switch_hour"], regime["regime_end_hour"]]
         assert ctr["a_before"]["n"] + ctr["b"]["n"] + ctr["a_return"]["n"] == impressions
         assert len(ctr["hourly_auc"]) == 24
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_serving_benchmark_measures_swaps_without_failures() -> None:
+    args = ["--duration", "1", "--rounds", "1", "--rate", "50", "--candidates", "10"]
+    args += ["--swap-every-s", "1", "--scenarios", "best_swaps"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    figures = result["scenarios"]["best_swaps"]
+    assert figures["ok"] == figures["sent"] == 50
+    assert figures["failed"] == result["failed_during_swaps"] == 0
+    assert figures["p99_ms"] >= figures["p50_ms"] > 0
+    assert figures["published"] >= 1
+    assert figures["server_cpu_ms_per_request"] > 0
+    assert result["server_exit_codes"] == {"best": 0}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_distribution_benchmark_measures_peer_origin_and_delta_modes() -> None:
+    args = ["--agents", "2", "--mib", "2", "--chunk-mib", "0.25", "--poll-interval", "0.1"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "distribution.py"), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["agents"] == 2
+    for mode in ("single", "peer", "delta", "origin_only"):
+        assert result[mode]["seconds_all"] >= result[mode]["seconds_first"] > 0
+        assert result[mode]["refusals"] == result[mode]["peers_dropped"] == 0
+    assert result["single"]["origin_copies"] == 1.0
+    assert result["origin_only"]["origin_copies"] == 2.0  # each agent read one copy
+    assert result["origin_only"]["chunks_from_peers"] == 0
+    assert result["peer"]["chunks_from_peers"] > 0
+    assert result["delta"]["is_delta"]
+    assert result["delta_over_full_bytes"] == round(
+        result["delta"]["delta_bytes"] / result["model_bytes"], 5
+    )
+    goals = result["goals"]
+    assert goals["origin_copies_per_region_le_1_5"] == (result["peer"]["origin_copies"] <= 1.5)
+    assert goals["all_live_within_3x_single"] == (
+        result["peer"]["seconds_all"] <= 3 * result["single"]["seconds_all"]
+    )

@@ -6,19 +6,20 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from serve_helpers import OTHER_SCHEMA, SCHEMA, Factory, publish
 from starlette.applications import Starlette
 from starlette.exceptions import StarletteDeprecationWarning
 
 from minutely.clock import ReplayClock
-from minutely.errors import ConfigError, SchemaError
-from minutely.registry import WEIGHTS_FILE, Manifest, Registry
-from minutely.schema import FeatureSpec, Schema
+from minutely.data.tensors import FeatureColumns
+from minutely.errors import ConfigError
+from minutely.registry import WEIGHTS_FILE, Registry, Signer
 from minutely.serve import ServingState, create_app
 
 with warnings.catch_warnings():
@@ -27,56 +28,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", "Using `httpx`", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-SCHEMA = Schema((FeatureSpec("x", "dense"),))
-OTHER_SCHEMA = Schema((FeatureSpec("x", "dense"), FeatureSpec("y", "dense")))
 PREDICT = "/v1/models/ctr:predict"
-
-
-class ScalePredictor:
-    """``w * x`` per instance, ``w`` being the artifact's tensor ``"w"``."""
-
-    def __init__(self, w: float, gate: threading.Event | None = None) -> None:
-        self.w = w
-        self.gate = gate
-        self.entered = threading.Event()
-        self.calls = 0
-
-    def predict(self, instances: Sequence[Mapping[str, object]]) -> list[float]:
-        self.calls += 1
-        self.entered.set()
-        if self.gate is not None:
-            assert self.gate.wait(10)
-        out = []
-        for i, inst in enumerate(instances):
-            x = inst.get("x")
-            if not isinstance(x, (int, float)):
-                raise SchemaError(f"instance {i}: feature 'x': expected a number, got {x!r}")
-            out.append(self.w * float(x))
-        return out
-
-
-class Factory:
-    def __init__(self) -> None:
-        self.built: list[tuple[str, ScalePredictor]] = []
-        self.gate: threading.Event | None = None
-
-    def __call__(self, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> ScalePredictor:
-        p = ScalePredictor(float(tensors["w"]), self.gate)
-        self.built.append((manifest.version, p))
-        return p
-
-
-def publish(reg: Registry, w: float, schema: Schema = SCHEMA, name: str = "ctr") -> Manifest:
-    return reg.publish(
-        name,
-        {"w": torch.tensor(w)},
-        created_ms=0,
-        arch="stand-in",
-        model_config={},
-        schema=schema,
-        metrics={},
-        samples_seen=0,
-    )
 
 
 @pytest.fixture
@@ -150,13 +102,23 @@ def test_empty_instances_answer_empty_predictions(client: TestClient, factory: F
         (b"", r"^request body: expected JSON, got malformed data"),
         (b"{nope}", r"^request body: expected JSON, got malformed data \(JSON is malformed"),
         (b"[]", r"^request body: Expected `object`, got `array`$"),
-        (b'{"inputs": []}', r"^request body: Object missing required field `instances`$"),
+        (
+            b'{"inputs": []}',
+            r"^request body: expected a field `instances` or `columns`, got neither$",
+        ),
         (b'{"instances": "x"}', r"^request body: Expected `array`, got `str` - at `\$.instances`$"),
         (
             b'{"instances": [{"x": 1}, 5]}',
             r"^request body: Expected `object`, got `int` - at `\$.instances\[1\]`$",
         ),
-        (b'{"instances": [{"x": 1}, {"y": 2}]}', r"^instance 1: feature 'x': expected a number"),
+        (
+            b'{"instances": [{"x": 1}, {"y": 2}]}',
+            r"^instance 1: missing feature 'x'; unknown feature 'y'$",
+        ),
+        (
+            b'{"instances": [{"x": 1}, {"x": "2"}]}',
+            r"^instance 1: feature 'x': expected a finite number, got '2' \(str\)$",
+        ),
     ],
 )
 def test_bad_requests_are_400_with_a_message(client: TestClient, body: bytes, message: str) -> None:
@@ -237,8 +199,11 @@ def test_predictor_failure_is_500_and_logged(
     reg: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
     class Broken:
-        def predict(self, instances: Sequence[Mapping[str, object]]) -> list[float]:
+        def predict_columns(self, columns: FeatureColumns) -> list[float]:
             raise RuntimeError("tensor shape blew up")
+
+        def warm_up(self) -> None:
+            pass
 
     publish(reg, 1.0)
     app = create_app(reg.root, ["ctr"], SCHEMA, poll_interval_s=3600, factory=lambda m, t: Broken())
@@ -251,8 +216,11 @@ def test_predictor_failure_is_500_and_logged(
 
 def test_wrong_number_of_predictions_is_500(reg: Registry) -> None:
     class Short:
-        def predict(self, instances: Sequence[Mapping[str, object]]) -> list[float]:
+        def predict_columns(self, columns: FeatureColumns) -> list[float]:
             return [0.5]
+
+        def warm_up(self) -> None:
+            pass
 
     publish(reg, 1.0)
     app = create_app(reg.root, ["ctr"], SCHEMA, poll_interval_s=3600, factory=lambda m, t: Short())
@@ -276,6 +244,7 @@ def test_metadata_document(client: TestClient) -> None:
         "refused": [],
         "refused_total": 0,
         "poll_errors": 0,
+        "versions": [{"version": "v00000001", "live": True, "why": "latest"}],
     }
 
 
@@ -452,3 +421,22 @@ def test_bad_app_configuration_fails_at_creation(
     args.update(kw)
     with pytest.raises(ConfigError, match=message):
         create_app(tmp_path, models, SCHEMA, **args)
+
+
+def test_a_server_with_a_public_key_refuses_unsigned_versions(tmp_path: Path) -> None:
+    signer = Signer.generate()
+    signed = Registry(tmp_path / "registry", signer=signer)
+    unsigned = Registry(tmp_path / "registry")
+    publish(signed, 1.0)
+    app = make_app(signed, Factory(), verifier=signer.verifier())
+    with TestClient(app) as c:
+        publish(unsigned, 2.0)
+        poll(c)
+        meta = c.get("/v1/models/ctr").json()
+        assert meta["version"] == "v00000001"
+        [refusal] = meta["refused"]
+        assert refusal["version"] == "v00000002"
+        assert "unsigned: expected manifest.sig signed by key" in refusal["reason"]
+        publish(signed, 3.0)
+        poll(c)
+        assert c.post(PREDICT, json={"instances": [{"x": 1}]}).json()["predictions"] == [3.0]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import gc
 import random
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +16,16 @@ import torch
 from starlette.exceptions import StarletteDeprecationWarning
 
 import minutely.serve.torch_predictor as torch_predictor_mod
+from minutely.clock import ReplayClock
 from minutely.config import ModelConfig
 from minutely.data import instances_to_tensors
+from minutely.data.tensors import FeatureColumns, columns_from_instances
 from minutely.errors import ArtifactError, SchemaError, SchemaMismatchError
 from minutely.model import CtrModel, build_model
-from minutely.model.artifact import model_config_from_manifest
+from minutely.model.artifact import model_config_from_manifest, model_from_artifact
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema, default_schema
-from minutely.serve import create_app, torch_factory
+from minutely.serve import ModelHolder, Refusal, RegistryPoller, create_app, torch_factory
 from minutely.serve.torch_predictor import TorchPredictor
 
 with warnings.catch_warnings():
@@ -173,3 +177,128 @@ def test_docstring_example_runs() -> None:
     result = doctest.testmod(torch_predictor_mod)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+# --- loading without initialising, warm-up, the collector ------------------------------------
+
+
+def test_meta_device_load_equals_a_copy_into_a_fresh_model_bit_for_bit(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="deepfm", buckets=256, embedding_dim=4, hidden=(8, 4))
+    reg = Registry(tmp_path)
+    m = publish(reg, cfg, trained_like(cfg, seed=4))
+    manifest, tensors = reg.load("ctr", m.version, expected_fingerprint=None)
+    copied = build_model(cfg, SCHEMA)
+    copied.load_flat_state_dict({k: v.clone() for k, v in tensors.items()})
+    rng = torch.get_rng_state()
+    assigned = model_from_artifact(manifest, tensors)
+    assert torch.equal(torch.get_rng_state(), rng)  # no random initialisation ran
+    own = dict(assigned.named_parameters())
+    assert own.keys() == dict(copied.named_parameters()).keys()
+    for name, param in copied.named_parameters():
+        assert own[name].device.type == "cpu"
+        assert own[name].dtype == param.dtype
+        assert torch.equal(own[name], param), name
+        assert own[name].data_ptr() == tensors[name].data_ptr()  # assigned, not copied
+    for (name, a), (_, b) in zip(assigned.named_buffers(), copied.named_buffers(), strict=True):
+        assert a.device.type == "cpu"
+        assert torch.equal(a, b), name
+    batch = instances_to_tensors(instances(32, seed=9), SCHEMA, cfg.buckets)
+    assert torch.equal(assigned.predict(batch), copied.predict(batch))
+
+
+def test_meta_device_load_refuses_wrong_weights_naming_the_key() -> None:
+    cfg = ModelConfig(arch="deepfm", buckets=64, embedding_dim=4, hidden=(8,))
+    tensors = build_model(cfg, SCHEMA).flat_state_dict()
+    tensors["mlp.out.weight"] = torch.zeros(1, 9)
+    with pytest.raises(SchemaMismatchError, match=r"'mlp.out.weight': expected shape \[1, 8\]"):
+        model_from_artifact(_manifest(cfg), tensors)
+    del tensors["mlp.out.weight"]
+    with pytest.raises(SchemaMismatchError, match=r"missing \['mlp.out.weight'\]"):
+        model_from_artifact(_manifest(cfg), tensors)
+
+
+class Recorder:
+    """A predictor that records whether it was live when warmed up."""
+
+    def __init__(self, holder: ModelHolder, version: str, fail: bool = False) -> None:
+        self.holder, self.version, self.fail = holder, version, fail
+        self.live_at_warm_up: bool | None = None
+
+    def predict_columns(self, columns: FeatureColumns) -> list[float]:
+        return [0.0] * len(columns)
+
+    def warm_up(self) -> None:
+        current = self.holder.current
+        self.live_at_warm_up = current is not None and current.version == self.version
+        if self.fail:
+            raise RuntimeError("no kernel for that")
+
+
+def _poller(reg: Registry, holder: ModelHolder, factory: Any, **kw: Any) -> RegistryPoller:
+    return RegistryPoller(
+        reg,
+        {"ctr": holder},
+        expected_fingerprint=SCHEMA.fingerprint(),
+        factory=factory,
+        clock=ReplayClock(),
+        interval_s=3600,
+        **kw,
+    )
+
+
+def test_a_version_is_warmed_up_before_it_goes_live(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="lr", buckets=64)
+    reg = Registry(tmp_path)
+    holder = ModelHolder("ctr")
+    built: list[Recorder] = []
+
+    def factory(manifest: Manifest, tensors: dict[str, torch.Tensor]) -> Recorder:
+        built.append(Recorder(holder, manifest.version, fail=manifest.version == "v00000002"))
+        return built[-1]
+
+    poller = _poller(reg, holder, factory)
+    publish(reg, cfg, trained_like(cfg, 0))
+    poller.poll_once()
+    publish(reg, cfg, trained_like(cfg, 1))
+    poller.poll_once()
+    publish(reg, cfg, trained_like(cfg, 2))
+    poller.poll_once()
+    assert [r.live_at_warm_up for r in built] == [False, False, False]
+    current = holder.current
+    assert current is not None
+    assert current.version == "v00000003"
+    assert holder.refusals == (Refusal("v00000002", "warm-up: RuntimeError: no kernel for that"),)
+
+
+def test_the_default_predictor_warms_up_on_synthetic_rows(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="deepfm", buckets=64, embedding_dim=4, hidden=(8,))
+    reg = Registry(tmp_path)
+    m = publish(reg, cfg, trained_like(cfg, 0))
+    predictor = torch_factory(*reg.load("ctr", m.version, expected_fingerprint=None))
+    predictor.warm_up()  # runs the model: raises if it cannot score the synthetic rows
+    assert isinstance(predictor, TorchPredictor)
+    out = predictor.predict_columns(columns_from_instances(instances(3), SCHEMA))
+    assert out.shape == (3,)
+
+
+def test_swaps_freeze_the_heap_and_a_swapped_out_model_is_freed(tmp_path: Path) -> None:
+    cfg = ModelConfig(arch="deepfm", buckets=64, embedding_dim=4, hidden=(8,))
+    reg = Registry(tmp_path)
+    holder = ModelHolder("ctr")
+    poller = _poller(reg, holder, torch_factory, freeze=True)
+    publish(reg, cfg, trained_like(cfg, 0))
+    gc.unfreeze()
+    try:
+        poller.poll_once()
+        assert gc.get_freeze_count() > 0
+        current = holder.current
+        assert current is not None
+        old = weakref.ref(current.predictor)
+        del current
+        publish(reg, cfg, trained_like(cfg, 1))
+        gc.disable()  # freed by reference counting alone: no cycle keeps a model
+        poller.poll_once()
+        assert old() is None
+    finally:
+        gc.enable()
+        gc.unfreeze()

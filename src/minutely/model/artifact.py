@@ -58,9 +58,19 @@ def schema_from_manifest(manifest: Manifest) -> Schema:
 
 
 def model_from_artifact(manifest: Manifest, tensors: Mapping[str, torch.Tensor]) -> CtrModel:
-    """Build the manifest's model and load ``tensors`` into it; returned in eval mode."""
-    model = build_model(model_config_from_manifest(manifest), schema_from_manifest(manifest))
-    model.load_flat_state_dict(tensors)
+    """Build the manifest's model with ``tensors`` as its weights; returned in eval mode.
+
+    The model is built on the meta device (shapes and dtypes, no memory, no random
+    initialisation: most of the cost of a fresh model) and ``tensors``, once checked against it,
+    become its parameters without a copy. The model owns them from then on: the caller must not
+    change them (pass copies of tensors that something else keeps updating). A ``tensors`` on
+    another device than the CPU is copied to it.
+    """
+    cfg, schema = model_config_from_manifest(manifest), schema_from_manifest(manifest)
+    with torch.device("meta"):
+        model = build_model(cfg, schema)
+    cpu = {name: t if t.device.type == "cpu" else t.cpu() for name, t in tensors.items()}
+    model.load_flat_state_dict(cpu, assign=True)
     return model.eval()
 
 

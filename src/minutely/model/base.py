@@ -154,9 +154,14 @@ class CtrModel(nn.Module):
         regular = [i for i, f in enumerate(dense) if not f.hour_level]
         hourly = [i for i, f in enumerate(dense) if f.hour_level]
         self.n_dense = len(dense)
-        # Not persistent: column indices follow from the schema and are no artifact key.
-        self.register_buffer("regular_cols", torch.tensor(regular, dtype=torch.long), False)
-        self.register_buffer("hour_cols", torch.tensor(hourly, dtype=torch.long), False)
+        # Not persistent: column indices follow from the schema and are no artifact key. On the
+        # CPU even when the model is built on the meta device (see model.artifact), where no
+        # load would fill them.
+        cpu = torch.device("cpu")
+        self.register_buffer(
+            "regular_cols", torch.tensor(regular, dtype=torch.long, device=cpu), False
+        )
+        self.register_buffer("hour_cols", torch.tensor(hourly, dtype=torch.long, device=cpu), False)
 
         self.bias = nn.Parameter(torch.zeros(1))
         self.table_width = 1 + embedding_dim
@@ -335,12 +340,17 @@ class CtrModel(nn.Module):
                     f"got {t.dtype}"
                 )
 
-    def load_flat_state_dict(self, tensors: Mapping[str, Tensor]) -> None:
+    def load_flat_state_dict(self, tensors: Mapping[str, Tensor], *, assign: bool = False) -> None:
         """Copy ``tensors`` into the parameters after :meth:`check_flat_state_dict`.
 
+        With ``assign`` the parameters become ``tensors`` themselves (no copy: the model then
+        shares their memory), which is how a model built on the meta device gets its weights.
         Nothing is modified when the check fails.
         """
         self.check_flat_state_dict(tensors)
+        if assign:
+            self.load_state_dict(dict(tensors), strict=True, assign=True)
+            return
         with torch.no_grad():
             for name, param in self.named_parameters():
                 param.copy_(tensors[name])

@@ -12,19 +12,29 @@ from minutely.serve.app import (
     create_app,
     torch_factory,
 )
+from minutely.serve.batcher import Batcher, BatchSettings
+from minutely.serve.codec import ARROW_STREAM, BodyError, decode_body, encode_arrow
 from minutely.serve.holder import LoadedModel, ModelHolder, Predictor, PredictorFactory, Refusal
+from minutely.serve.metrics import ServeMetrics
 from minutely.serve.poller import RegistryPoller
 
 __all__ = [
+    "ARROW_STREAM",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_INSTANCES",
+    "BatchSettings",
+    "Batcher",
+    "BodyError",
     "LoadedModel",
     "ModelHolder",
     "Predictor",
     "PredictorFactory",
     "Refusal",
     "RegistryPoller",
+    "ServeMetrics",
     "ServingState",
     "create_app",
+    "decode_body",
+    "encode_arrow",
     "torch_factory",
 ]

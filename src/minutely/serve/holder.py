@@ -12,24 +12,35 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
+from minutely.data.tensors import FeatureColumns
 from minutely.registry import Manifest
+
+Predictions = Sequence[float] | npt.NDArray[np.floating]
+"""One probability per row, as a list or a one-dimensional NumPy array."""
 
 
 class Predictor(Protocol):
-    """Scores request instances (feature name -> value mappings) with one model version.
+    """Scores validated request rows with one model version.
 
-    ``predict`` may be called from several threads at once. It raises
-    :class:`~minutely.errors.SchemaError`, naming the instance index and the feature, for an
-    instance that does not fit the schema.
+    ``predict_columns`` gets the rows of one request, or of several merged by the batcher, as
+    :class:`~minutely.data.tensors.FeatureColumns` already checked against the server's schema,
+    and returns one probability per row. It may be called from several threads at once
+    (unbatched requests run on a thread pool). ``warm_up`` runs it once on a small synthetic
+    batch before the version goes live, so the first request does not pay for lazily built
+    state.
     """
 
-    def predict(self, instances: Sequence[Mapping[str, object]]) -> list[float]: ...
+    def predict_columns(self, columns: FeatureColumns) -> Predictions: ...
+
+    def warm_up(self) -> None: ...
 
 
 PredictorFactory = Callable[[Manifest, dict[str, torch.Tensor]], Predictor]
@@ -65,7 +76,7 @@ class ModelHolder:
     observes one half-updated.
     """
 
-    def __init__(self, name: str, *, max_refusals: int = 256) -> None:
+    def __init__(self, name: str, *, max_refusals: int = 256, max_history: int = 64) -> None:
         self.name = name
         self._current: LoadedModel | None = None
         self._swaps = 0
@@ -73,6 +84,8 @@ class ModelHolder:
         self._refused_total = 0
         self._poll_errors = 0
         self._max_refusals = max_refusals
+        self._history: tuple[str, ...] = ()
+        self._max_history = max_history
 
     @property
     def current(self) -> LoadedModel | None:
@@ -83,6 +96,7 @@ class ModelHolder:
         """Make ``new`` the live version (a single reference assignment)."""
         self._current = new
         self._swaps += 1
+        self._history = (*self._history[-(self._max_history - 1) :], new.version)
 
     def refuse(self, version: str, reason: str) -> None:
         """Remember that ``version`` must not be loaded (the oldest of too many are forgotten)."""
@@ -93,6 +107,13 @@ class ModelHolder:
     def is_refused(self, version: str) -> bool:
         return any(r.version == version for r in self._refusals)
 
+    def refusal_reason(self, version: str) -> str | None:
+        """Why ``version`` was refused (the latest reason), or ``None`` if it was not."""
+        for r in reversed(self._refusals):
+            if r.version == version:
+                return r.reason
+        return None
+
     def count_poll_error(self) -> None:
         self._poll_errors += 1
 
@@ -100,6 +121,21 @@ class ModelHolder:
     def swaps(self) -> int:
         """Versions made live since start (the first load counts as one)."""
         return self._swaps
+
+    @property
+    def history(self) -> tuple[str, ...]:
+        """The versions made live, oldest first (the latest ``max_history`` swaps)."""
+        return self._history
+
+    def previous_version(self) -> str | None:
+        """The version that was live before the live one (another version), or ``None``."""
+        current = self._current
+        if current is None:
+            return None
+        for version in reversed(self._history):
+            if version != current.version:
+                return version
+        return None
 
     @property
     def refusals(self) -> tuple[Refusal, ...]:

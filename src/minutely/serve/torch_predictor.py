@@ -1,9 +1,9 @@
 """The default predictor: the artifact's PyTorch model, fed exactly as training feeds it.
 
-Request instances become a :class:`~minutely.data.tensors.TensorBatch` through
-:func:`~minutely.data.instances_to_tensors` (same hashing into buckets as training) and are scored
-by the model :func:`~minutely.model.artifact.model_from_artifact` rebuilds from the manifest's
-model config and feature schema, with the artifact's tensors loaded into it.
+Validated request rows (:class:`~minutely.data.tensors.FeatureColumns`) are hashed into the
+model's buckets by :func:`~minutely.data.tensors.columns_to_tensors` (the hashing training uses)
+and scored by the model :func:`~minutely.model.artifact.model_from_artifact` rebuilds from the
+manifest's model config and feature schema, with the artifact's tensors as its weights.
 
 >>> import dataclasses, torch
 >>> from minutely.config import ModelConfig
@@ -27,13 +27,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
-from minutely.data import instances_to_tensors
+from minutely.data.tensors import (
+    FeatureColumns,
+    columns_from_instances,
+    columns_from_lists,
+    columns_to_tensors,
+)
 from minutely.model import CtrModel
 from minutely.model.artifact import model_from_artifact
 from minutely.registry import Manifest
 from minutely.schema import Schema
+
+WARM_UP_ROWS = 8
 
 
 class TorchPredictor:
@@ -51,14 +60,35 @@ class TorchPredictor:
     def from_artifact(
         cls, manifest: Manifest, tensors: Mapping[str, torch.Tensor]
     ) -> TorchPredictor:
-        """Build the manifest's model and load ``tensors`` into it (key set and shapes checked)."""
+        """Build the manifest's model with ``tensors`` as its weights (key set and shapes
+        checked; the predictor owns them from then on)."""
         model = model_from_artifact(manifest, tensors)
         return cls(model, model.schema, model.cfg.buckets)
 
-    def predict(self, instances: Sequence[Mapping[str, object]]) -> list[float]:
-        """One probability per instance; :class:`SchemaError` naming a bad instance's feature."""
-        batch = instances_to_tensors(instances, self._schema, self._buckets)
+    def predict_columns(self, columns: FeatureColumns) -> npt.NDArray[np.float32]:
+        """One probability per row of ``columns`` (validated against this model's schema)."""
+        batch = columns_to_tensors(columns, self._buckets)
         with torch.inference_mode():
             probs = self._model.predict(batch)
-        out: list[float] = probs.tolist()
+        out: npt.NDArray[np.float32] = probs.numpy()
         return out
+
+    def predict(self, instances: Sequence[Mapping[str, object]]) -> list[float]:
+        """One probability per instance; :class:`SchemaError` naming a bad instance's feature."""
+        out: list[float] = self.predict_columns(
+            columns_from_instances(instances, self._schema)
+        ).tolist()
+        return out
+
+    def warm_up(self) -> None:
+        """Score a few synthetic rows (each kind of feature, lists of several lengths) once."""
+        n = WARM_UP_ROWS
+        columns: dict[str, object] = {}
+        for spec in self._schema.features:
+            if spec.kind == "sparse":
+                columns[spec.name] = list(range(n))
+            elif spec.kind == "multi_sparse":
+                columns[spec.name] = [list(range(i % 4)) for i in range(n)]
+            else:
+                columns[spec.name] = [float(i) for i in range(n)]
+        self.predict_columns(columns_from_lists(columns, self._schema))
