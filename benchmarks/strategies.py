@@ -93,7 +93,7 @@ from minutely.demo.replay import (
     score,
 )
 from minutely.demo.server import ServerProcess
-from minutely.pipeline.origin import publisher_registry
+from minutely.pipeline.origin import key_paths, publisher_registry
 from minutely.pipeline.runner import OnlinePipeline
 from minutely.schema import Schema, default_schema
 from minutely.sim import IMP_ID_STRIDE, Market
@@ -307,7 +307,12 @@ def run_strategy(
             day_models[n] = loop.warm.model
         t0 = time.perf_counter()
         with ServerProcess(
-            registry.root, names, run_dir, cfg.serve.poll_interval_s, cfg.serve.host
+            registry.root,
+            names,
+            run_dir,
+            cfg.serve.poll_interval_s,
+            cfg.serve.host,
+            public_key=key_paths(cfg, run_dir)[1],
         ) as server:
             serving: dict[str, str | None] = {n: None for n in names}
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 import tomllib
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -104,9 +106,23 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the run's registry over HTTP")
     _service_options(serve)
     serve.add_argument("--port-file", type=Path, help="write the bound port here")
+    serve.add_argument("--name", default="serve", help="this server's name in the run folder")
+    tracker = sub.add_parser("tracker", help="run a region's tracker of who holds which chunk")
+    _config_options(tracker)
+    tracker.add_argument("--host", default="127.0.0.1")
+    tracker.add_argument("--port", type=int, default=8700, help="0 picks a free port")
+    tracker.add_argument("--port-file", type=Path, help="write the bound port here")
+    keys = sub.add_parser("keys", help="generate an Ed25519 key pair that signs manifests")
+    keys.add_argument("--out", type=Path, required=True, help="folder for signing.pem, public.pem")
     up = sub.add_parser("up", help="start every service locally; Ctrl-C stops them all")
     _service_options(up)
     up.add_argument("--joiners", type=int, default=2, help="join processes in the group")
+    up.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        help="inference servers; more than one share versions through a tracker and agents",
+    )
     up.add_argument("--days", type=float, help="simulated days (default: until stopped)")
     up.add_argument("--rate", type=float, help="pace the simulator at this many times real time")
     up.add_argument("--live", action="store_true", help="start the market at the wall clock's now")
@@ -148,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "keys":
+            return _keys(args)
         cfg = load_cli_config(args)
         if args.command == "demo":
             from minutely.demo.run import run_demo
@@ -159,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(cfg, args)
+        if args.command == "tracker":
+            return _tracker(cfg, args)
         return _service(cfg, args)
     except MinutelyError as exc:
         print(f"minutely: error: {exc}", file=sys.stderr)
@@ -223,25 +243,165 @@ def _service(cfg: Config, args: argparse.Namespace) -> int:
             sim_args += ["--rate", str(args.rate)]
         if args.live:
             sim_args.append("--live")
-        return run_up(cfg, run_dir, stop, joiners=args.joiners, common=common, sim_args=sim_args)
+        if args.servers < 1:
+            raise ConfigError("--servers", "an int >= 1", args.servers)
+        return run_up(
+            cfg,
+            run_dir,
+            stop,
+            joiners=args.joiners,
+            common=common,
+            sim_args=sim_args,
+            servers=args.servers,
+        )
     return 0
 
 
 def _serve(cfg: Config, args: argparse.Namespace) -> int:
-    from minutely.pipeline.origin import registry_location
+    """``minutely serve``: the inference server of one host.
+
+    With the registry in a local folder and no tracker configured, the server's workers watch
+    the folder itself. Otherwise (an object-store registry, or a region with a tracker) the host
+    runs a distribution agent (:mod:`minutely.fleet.agent`, a child process) that fetches new
+    versions from peers and the origin into ``<run>/<fleet.cache_dir>/<name>/registry``, and the
+    workers watch that folder. Either way every version must be signed by the run's key.
+    """
+    import subprocess
+
+    from minutely.pipeline.origin import fsspec_options, key_paths, registry_location
+    from minutely.procs import spawn_child, wait_for_port_file
     from minutely.serve.cli import main as serve_main
 
-    location = registry_location(cfg, args.run_dir)
-    argv = ["--registry", str(location)]
-    for m in cfg.models:
-        argv += ["--model", m.name]
+    run_dir: Path = args.run_dir
+    location = registry_location(cfg, run_dir)
+    _, public = key_paths(cfg, run_dir)
+    if not public.exists():
+        raise ConfigError(
+            "registry.public_key",
+            "the Ed25519 public key PEM file that verifies the run's manifests (written by "
+            "`minutely keys` or by the run's first publisher)",
+            str(public),
+        )
+    models = [m.name for m in cfg.models]
+    agent: subprocess.Popen[bytes] | None = None
+    stop_follow = threading.Event()
+    if isinstance(location, Path) and not cfg.fleet.tracker:
+        location.mkdir(parents=True, exist_ok=True)
+        served: Path | str = location
+    else:
+        home = run_dir / cfg.fleet.cache_dir / args.name
+        home.mkdir(parents=True, exist_ok=True)
+        served = home / "registry"
+        port_file = home / "agent.port"
+        port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "minutely.fleet.agent", "--origin", str(location)]
+        for key, value in _flat_options(fsspec_options(cfg)):
+            cmd += ["--origin-option", f"{key}={value}"]
+        cmd += ["--cache", str(home / "cache"), "--local-registry", str(served)]
+        if cfg.fleet.tracker:
+            cmd += ["--tracker", cfg.fleet.tracker]
+        cmd += ["--region", cfg.fleet.region, "--public-key", str(public)]
+        cmd += ["--peer-id", f"{cfg.fleet.region}-{args.name}-{os.getpid()}"]
+        cmd += ["--host", cfg.serve.host, "--port", "0", "--port-file", str(port_file)]
+        cmd += ["--poll-interval", str(cfg.fleet.poll_interval_s)]
+        cmd += ["--max-transfers", str(cfg.fleet.max_transfers)]
+        for m in models:
+            cmd += ["--model", m]
+        agent = spawn_child(cmd)
+        agent_port = wait_for_port_file(port_file, agent, "distribution agent", timeout_s=60.0)
+        _follow(cfg, run_dir, models, f"http://{cfg.serve.host}:{agent_port}", stop_follow)
+    argv = ["--registry", str(served), "--public-key", str(public)]
+    for m in models:
+        argv += ["--model", m]
     argv += ["--host", cfg.serve.host, "--port", str(cfg.serve.port)]
     argv += ["--poll-interval", str(cfg.serve.poll_interval_s)]
+    argv += ["--workers", str(cfg.serve.workers)]
+    argv += ["--batch-max-rows", str(cfg.serve.batch_max_rows)]
+    argv += ["--batch-max-wait-ms", str(cfg.serve.batch_max_wait_ms)]
+    if cfg.serve.admin_token_file:
+        argv += ["--admin-token-file", cfg.serve.admin_token_file]
+    if cfg.serve.predict_token_file:
+        argv += ["--predict-token-file", cfg.serve.predict_token_file]
     if args.port_file is not None:
         argv += ["--port-file", str(args.port_file)]
-    if isinstance(location, Path):
-        location.mkdir(parents=True, exist_ok=True)
-    return serve_main(argv)
+    try:
+        return serve_main(argv)
+    finally:
+        stop_follow.set()
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.wait(10.0)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+
+
+def _follow(
+    cfg: Config, run_dir: Path, models: list[str], agent_url: str, stop: threading.Event
+) -> None:
+    """On a daemon thread: every announcement of a new version or a serving change on the log
+    makes the agent check the origin at once (its polling is the fallback)."""
+    import httpx
+
+    from minutely.pipeline.origin import Announcement, follow_announcements
+    from minutely.stream import open_log
+
+    def wake(msg: Announcement) -> None:
+        try:
+            httpx.post(f"{agent_url}/v1/sync", timeout=5.0)
+        except httpx.HTTPError as exc:
+            logging.getLogger("minutely.serve").warning("agent sync request failed: %s", exc)
+
+    def run() -> None:
+        try:
+            log = open_log(cfg.stream, run_dir)
+        except MinutelyError as exc:
+            logging.getLogger("minutely.serve").warning(
+                "announcements on %s not followed (%s); the agent polls the origin every %g s",
+                cfg.registry.announce_topic,
+                exc,
+                cfg.fleet.poll_interval_s,
+            )
+            return
+        try:
+            follow_announcements(log, cfg.registry.announce_topic, models, wake, stop)
+        finally:
+            log.close()
+
+    threading.Thread(target=run, name="announcements", daemon=True).start()
+
+
+def _flat_options(options: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            out += _flat_options(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _tracker(cfg: Config, args: argparse.Namespace) -> int:
+    """``minutely tracker``: the region's tracker (see :mod:`minutely.fleet.tracker`)."""
+    from minutely.fleet.tracker import main as tracker_main
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    argv += ["--lease-s", str(cfg.fleet.lease_s), "--peer-ttl-s", str(cfg.fleet.peer_ttl_s)]
+    if args.port_file is not None:
+        argv += ["--port-file", str(args.port_file)]
+    return tracker_main(argv)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """``minutely keys``: a new Ed25519 key pair for signing manifests."""
+    from minutely.registry.signing import generate_keypair
+
+    out: Path = args.out
+    signer = generate_keypair(out / "signing.pem", out / "public.pem")
+    print(f"wrote {out / 'signing.pem'} (keep it with the trainers) and {out / 'public.pem'}")
+    print(f"key id {signer.key_id}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

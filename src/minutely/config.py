@@ -322,9 +322,23 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
+    """The inference server (``minutely serve``; see :mod:`minutely.serve`).
+
+    ``workers`` processes answer on one port; concurrent requests share a forward pass of at
+    most ``batch_max_rows`` rows, waiting at most ``batch_max_wait_ms`` for one another (0
+    rows: no batching). The admin endpoints (pin, unpin, rollback) need the bearer token in
+    ``admin_token_file`` (empty: admin disabled); predict needs the one in
+    ``predict_token_file`` when it is set.
+    """
+
     host: str = "127.0.0.1"
     port: int = field(default=0, metadata=_range(0, 65_535))  # 0: pick a free port
     poll_interval_s: float = field(default=0.2, metadata=_range(0.01))
+    workers: int = field(default=1, metadata=_range(1, 256))
+    batch_max_rows: int = field(default=1_024, metadata=_range(0))
+    batch_max_wait_ms: float = field(default=0.0, metadata=_range(0.0, 1_000.0))
+    admin_token_file: str = ""
+    predict_token_file: str = ""
 
 
 @dataclass(frozen=True)

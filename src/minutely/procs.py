@@ -32,8 +32,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from minutely.errors import ServeError
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _USAGE = "usage: python -m minutely.procs PARENT_PID -- ARGV..."
@@ -56,6 +60,29 @@ def spawn_child(argv: Sequence[str], **popen_kw: Any) -> subprocess.Popen[Any]:
         )
     trampoline = [sys.executable, "-m", "minutely.procs", str(os.getpid()), "--", *argv]
     return subprocess.Popen(trampoline, start_new_session=True, **popen_kw)
+
+
+def wait_for_port_file(
+    path: Path, proc: subprocess.Popen[Any], what: str, *, timeout_s: float
+) -> int:
+    """The port a child writes to ``path`` once it listens; :class:`ServeError` naming ``what``
+    when the child exits first or nothing is written within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return int(text)
+        code = proc.poll()
+        if code is not None:
+            raise ServeError(f"{what}: expected it to listen, got exit code {code} at start")
+        if time.monotonic() > deadline:
+            raise ServeError(
+                f"{what}: expected its port in {path} within {timeout_s:g} s, got nothing"
+            )
+        time.sleep(0.05)
 
 
 def _set_parent_death_signal(sig: int) -> None:

@@ -4,6 +4,8 @@ trained, the dead letters and the served versions come out as in an uninterrupte
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +31,12 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path: Path) -> 
     for item in SETTINGS:
         common += ["--set", item]
     topo = Topology(run, common)
+    assert (
+        subprocess.run(  # what an operator does first: the key pair the run signs with
+            [sys.executable, "-m", "minutely.cli", "keys", "--out", str(run / "keys")], check=False
+        ).returncode
+        == 0
+    )
     for name in ["serve", *VICTIMS]:
         topo.start(name)
     rng = random.Random(11)

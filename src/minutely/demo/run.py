@@ -55,7 +55,7 @@ from minutely.model import CtrModel
 from minutely.model.artifact import load_model
 from minutely.pipeline.model_loop import EVENTS_FILE, ModelLoop
 from minutely.pipeline.monitor import read_events
-from minutely.pipeline.origin import publisher_registry
+from minutely.pipeline.origin import key_paths, publisher_registry
 from minutely.pipeline.runner import OnlinePipeline
 from minutely.registry import Registry
 from minutely.schema import default_schema
@@ -248,7 +248,12 @@ def run_demo(
             for name, loop in pipe.models.items()
         }
         with ServerProcess(
-            registry.root, names, run_dir, cfg.serve.poll_interval_s, cfg.serve.host
+            registry.root,
+            names,
+            run_dir,
+            cfg.serve.poll_interval_s,
+            cfg.serve.host,
+            public_key=key_paths(cfg, run_dir)[1],
         ) as server:
             for name, version in live.items():
                 server.wait_for_version(name, version)

@@ -32,6 +32,7 @@ class ServerProcess:
         host: str = "127.0.0.1",
         port: int = 0,
         start_timeout_s: float = 60.0,
+        public_key: Path | None = None,
     ) -> None:
         self._port_file = run_dir / "server.port"
         self._port_file.unlink(missing_ok=True)
@@ -41,6 +42,8 @@ class ServerProcess:
             cmd += ["--model", m]
         cmd += ["--host", host, "--port", str(port), "--port-file", str(self._port_file)]
         cmd += ["--poll-interval", str(poll_interval_s)]
+        if public_key is not None:
+            cmd += ["--public-key", str(public_key)]
         self._log = self._log_path.open("wb")
         # Dies with this process even when it is SIGKILLed (no close() runs then).
         self._proc = spawn_child(cmd, stdout=self._log, stderr=subprocess.STDOUT)

@@ -1,11 +1,14 @@
 """``minutely up``: the whole topology on this machine, as child processes.
 
-One ``simulate``, ``joiners`` join processes (one consumer group), one ``train`` per model and one
-``serve``, all on the same configuration and run folder. Every child dies with its parent (see
-:mod:`minutely.procs`), writes its output to ``<run>/logs/<name>.log`` and its status to
-``<run>/status/<name>.json``; ``up`` prints one status line per service while they run. Ctrl-C
-(or SIGTERM) stops them all: each gets SIGTERM, checkpoints and exits; one that has not exited
-after ``grace_s`` is killed (it resumes from its last checkpoint next time).
+One ``simulate``, ``joiners`` join processes (one consumer group), one ``train`` per model and
+``servers`` inference servers, all on the same configuration and run folder; with more than one
+server, a tracker too, and each server fetches new versions through its distribution agent from
+its peers (one region on this machine). The run's signing keys are made before anything starts.
+Every child dies with its parent (see :mod:`minutely.procs`), writes its output to
+``<run>/logs/<name>.log`` and its status to ``<run>/status/<name>.json``; ``up`` prints one
+status line per service while they run. Ctrl-C (or SIGTERM) stops them all: each gets SIGTERM,
+checkpoints and exits; one that has not exited after ``grace_s`` is killed (it resumes from its
+last checkpoint next time).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from minutely.config import Config
+from minutely.pipeline.origin import ensure_keys
 from minutely.pipeline.services import read_statuses
-from minutely.procs import spawn_child
+from minutely.procs import spawn_child, wait_for_port_file
 
 
 @dataclass
@@ -31,17 +35,33 @@ class Child:
     log: IO[bytes]
 
 
+def serve_names(servers: int) -> list[str]:
+    """The names of ``servers`` inference servers: ``serve``, or ``serve-0``, ``serve-1``..."""
+    return ["serve"] if servers == 1 else [f"serve-{i}" for i in range(servers)]
+
+
 def topology(
-    cfg: Config, joiners: int, common: Sequence[str], sim_args: Sequence[str], port_file: Path
+    cfg: Config,
+    joiners: int,
+    common: Sequence[str],
+    sim_args: Sequence[str],
+    run_dir: Path,
+    *,
+    servers: int = 1,
+    serve_args: Sequence[str] = (),
 ) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every service ``up`` starts; ``common`` carries the config options."""
+    """(name, argv) of every service ``up`` starts; ``common`` carries the config options and
+    ``serve_args`` the servers' extra ones (a tracker's URL)."""
     me = [sys.executable, "-m", "minutely.cli"]
     out = [("simulate", [*me, "simulate", *common, *sim_args])]
     for i in range(joiners):
         out.append((f"join-{i}", [*me, "join", *common, "--name", f"join-{i}"]))
     for m in cfg.models:
         out.append((f"train-{m.name}", [*me, "train", *common, "--model", m.name]))
-    out.append(("serve", [*me, "serve", *common, "--port-file", str(port_file)]))
+    for name in serve_names(servers):
+        port_file = str(run_dir / f"{name}.port")
+        argv = [*me, "serve", *common, *serve_args, "--name", name, "--port-file", port_file]
+        out.append((name, argv))
     return out
 
 
@@ -81,6 +101,7 @@ def run_up(
     joiners: int,
     common: Sequence[str],
     sim_args: Sequence[str],
+    servers: int = 1,
     echo: Callable[[str], None] = print,
     every_s: float = 2.0,
     grace_s: float = 30.0,
@@ -89,22 +110,43 @@ def run_up(
     Returns 0 when every child exited cleanly."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    ensure_keys(cfg, run_dir)  # before the servers start: they verify with the public key
     children: list[Child] = []
+    names = serve_names(servers)
     try:
-        port_file = run_dir / "server.port"
-        port_file.unlink(missing_ok=True)
-        for name, argv in topology(cfg, joiners, common, sim_args, port_file):
+        for name in names:
+            (run_dir / f"{name}.port").unlink(missing_ok=True)
+        serve_args: list[str] = []
+        if servers > 1 and not cfg.fleet.tracker:
+            # One region on this machine: its tracker first, so the servers can name it.
+            port_file = run_dir / "tracker.port"
+            port_file.unlink(missing_ok=True)
+            argv = [sys.executable, "-m", "minutely.cli", "tracker", *common, "--port", "0"]
+            argv += ["--host", cfg.serve.host, "--port-file", str(port_file)]
+            f = (logs / "tracker.log").open("ab")
+            tracker = Child("tracker", spawn_child(argv, stdout=f, stderr=subprocess.STDOUT), f)
+            children.append(tracker)
+            port = wait_for_port_file(port_file, tracker.proc, "tracker", timeout_s=60.0)
+            serve_args = ["--set", f'fleet.tracker="http://{cfg.serve.host}:{port}"']
+        for name, argv in topology(
+            cfg, joiners, common, sim_args, run_dir, servers=servers, serve_args=serve_args
+        ):
             f = (logs / f"{name}.log").open("ab")
             children.append(Child(name, spawn_child(argv, stdout=f, stderr=subprocess.STDOUT), f))
         echo(f"minutely up: {len(children)} services, run folder {run_dir}, logs in {logs}")
         while not stop.wait(every_s):
             statuses = read_statuses(run_dir)
-            if port_file.exists() and port_file.read_text().strip():
-                url = f"http://{cfg.serve.host}:{port_file.read_text().strip()}"
-                statuses["serve"] = {"url": url}
+            for name in names:
+                port_file = run_dir / f"{name}.port"
+                if port_file.exists() and port_file.read_text().strip():
+                    url = f"http://{cfg.serve.host}:{port_file.read_text().strip()}"
+                    statuses[name] = {"url": url}
             for c in children:
                 echo(status_line(c.name, statuses.get(c.name), c.proc))
-            if all(c.proc.poll() is not None for c in children if c.name != "serve"):
+            servers_and_tracker = {*names, "tracker"}
+            if all(
+                c.proc.poll() is not None for c in children if c.name not in servers_and_tracker
+            ):
                 break
     finally:
         codes = stop_all(children, grace_s)
