@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port-file", type=Path, help="write the bound port here")
     serve.add_argument("--name", default="serve", help="this server's name in the run folder")
     tracker = sub.add_parser("tracker", help="run a region's tracker of who holds which chunk")
-    _config_options(tracker)
+    _service_options(tracker)
     tracker.add_argument("--host", default="127.0.0.1")
     tracker.add_argument("--port", type=int, default=8700, help="0 picks a free port")
     tracker.add_argument("--port-file", type=Path, help="write the bound port here")

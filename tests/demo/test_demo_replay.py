@@ -22,6 +22,7 @@ from minutely.demo.replay import (
 )
 from minutely.demo.run import demo_models, run_demo
 from minutely.errors import CheckpointError, ConfigError, StorageError
+from minutely.registry import Registry
 from minutely.sim import CLICK, IMP_ID_STRIDE, IMPRESSION, Market
 
 SMALL_NET = {"buckets": 4096, "embedding_dim": 4, "hidden": [16], "loss": "pu"}
@@ -106,8 +107,14 @@ def test_demo_trains_and_reports_both_models_end_to_end(tmp_path: Path) -> None:
     assert online["versions_served"] >= 40
     assert day["versions_served"] == 1
     assert 0.5 < online["auc"] < 1.0
-    # kept 3 (the newest: the cut at the end of the day) + the base of the older ones
-    assert len(list((tmp_path / "registry" / "ctr").glob("v*"))) <= 4
+    # kept: the 3 newest (the cut at the end of the day) and what they need: their bases and
+    # the versions their deltas apply to
+    registry = Registry(tmp_path / "registry")
+    kept = registry.versions("ctr")
+    manifests = [registry.manifest("ctr", v) for v in kept]
+    needed = {m.base for m in manifests} | {m.delta_of for m in manifests}
+    assert set(kept) <= set(kept[-3:]) | needed
+    assert any(m.delta_of is not None for m in manifests)  # online versions ship as deltas
 
     # the hourly model is the day model until the end of the first hour, then moves
     for name in ("ctr", "cvr"):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from services_helpers import SETTINGS, wait_for
+from services_helpers import SETTINGS, settings_config, wait_for
 
 from minutely.pipeline.services import read_statuses
 
@@ -52,7 +52,9 @@ def test_up_runs_every_service_shows_status_and_stops_them_all_on_ctrl_c(tmp_pat
             up.communicate()
     assert up.returncode == 0, out[-3000:]
     lines = out.splitlines()
-    assert lines[0].startswith("minutely up: 6 services")
+    assert next(line for line in lines if line.startswith("minutely up:")).startswith(
+        "minutely up: 6 services"
+    )
     for name in SERVICES:
         assert any(line.startswith(name) and "running" in line for line in lines), name
     assert any("partitions=" in line and "lag=" in line for line in lines)
@@ -112,3 +114,58 @@ def test_a_train_status_line_shows_the_versions_lag_and_rollbacks() -> None:
         "exports_refused=2",
     ):
         assert part in line
+
+
+def test_up_with_servers_shares_versions_through_the_tracker_and_announcements(
+    tmp_path: Path,
+) -> None:
+    import httpx
+
+    from minutely.pipeline.origin import registry_location
+    from minutely.registry import Registry
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "minutely.cli", "up", "--run-dir", str(run), "--joiners", "1"]
+    argv += ["--days", "0.1", "--rate", "500", "--servers", "2"]
+    # the agents poll the origin every 5 minutes: what reaches them sooner came by announcement
+    for item in [*SETTINGS, "fleet.poll_interval_s=300", "registry.chunk_kib=64"]:
+        argv += ["--set", item]
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        registry = Registry(registry_location(settings_config(), run))
+
+        def urls() -> list[str]:
+            out = []
+            for name in ("serve-0", "serve-1"):
+                f = run / f"{name}.port"
+                if f.exists() and f.read_text().strip():
+                    out.append(f"http://127.0.0.1:{f.read_text().strip()}")
+            return out
+
+        def live_everywhere(version: str) -> bool:
+            try:
+                got = {httpx.get(f"{u}/v1/models/ctr").json()["version"] for u in urls()}
+            except httpx.HTTPError:
+                return False
+            # the trainer goes on publishing: the same version on both, this one or newer
+            return len(urls()) == 2 and len(got) == 1 and None not in got and min(got) >= version
+
+        wait_for(lambda: len(registry.versions("ctr")) >= 3, 180, "three ctr versions")
+        newest = registry.serving_version("ctr")
+        assert newest is not None
+        wait_for(lambda: live_everywhere(newest), 30, f"both servers to serve {newest}")
+        agents = []
+        for name in ("serve-0", "serve-1"):
+            port = (run / "fleet" / name / "agent.port").read_text().strip()
+            agents.append(httpx.get(f"http://127.0.0.1:{port}/v1/status").json()["counters"])
+        assert sum(a["chunks_from_peers"] for a in agents) > 0  # they shared chunks
+        up.send_signal(signal.SIGINT)
+        out, _ = up.communicate(timeout=90)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+    assert up.returncode == 0, out[-3000:]
+    heads = [line for line in out.splitlines() if line.startswith("minutely up:")]
+    assert heads[0].startswith("minutely up: 7 services")  # a tracker and 2 servers
+    assert pids_of(run) == []

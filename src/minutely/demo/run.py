@@ -55,7 +55,7 @@ from minutely.model import CtrModel
 from minutely.model.artifact import load_model
 from minutely.pipeline.model_loop import EVENTS_FILE, ModelLoop
 from minutely.pipeline.monitor import read_events
-from minutely.pipeline.origin import key_paths, publisher_registry
+from minutely.pipeline.origin import key_paths, publisher_registry, registry_location
 from minutely.pipeline.runner import OnlinePipeline
 from minutely.registry import Registry
 from minutely.schema import default_schema
@@ -189,6 +189,9 @@ def run_demo(
     _check_run_folder(run_dir, resume)
     # Every folder the run writes is checked now, not when the first write fails mid-run.
     ensure_writable_dir(run_dir, "run folder")
+    location = registry_location(cfg, run_dir)
+    if isinstance(location, Path):
+        ensure_writable_dir(location, "registry folder")
     ensure_writable_dir(run_dir / "checkpoints", "checkpoint folder")
     echo(f"minutely demo: run folder {run_dir} (models {', '.join(names)})")
     schema = default_schema()
