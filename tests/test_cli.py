@@ -93,3 +93,20 @@ def test_a_runs_root_below_a_file_exits_2_naming_it(
     err = capsys.readouterr().err
     assert f"runs folder {runs}: expected a writable folder" in err
     assert "got a file where a parent folder should be" in err
+
+
+def test_keys_writes_a_pair_once_and_serve_needs_the_public_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(["serve", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "registry.public_key" in err
+    assert str(run / "keys" / "public.pem") in err
+    assert main(["keys", "--out", str(run / "keys")]) == 0
+    out = capsys.readouterr().out
+    assert "key id " in out
+    assert (run / "keys" / "signing.pem").stat().st_mode & 0o777 == 0o600
+    assert (run / "keys" / "public.pem").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert main(["keys", "--out", str(run / "keys")]) == 2  # never overwrites a key
+    assert "signing.pem" in capsys.readouterr().err

@@ -268,20 +268,13 @@ def _serve(cfg: Config, args: argparse.Namespace) -> int:
     """
     import subprocess
 
-    from minutely.pipeline.origin import fsspec_options, key_paths, registry_location
+    from minutely.pipeline.origin import fsspec_options, public_key_file, registry_location
     from minutely.procs import spawn_child, wait_for_port_file
     from minutely.serve.cli import main as serve_main
 
     run_dir: Path = args.run_dir
     location = registry_location(cfg, run_dir)
-    _, public = key_paths(cfg, run_dir)
-    if not public.exists():
-        raise ConfigError(
-            "registry.public_key",
-            "the Ed25519 public key PEM file that verifies the run's manifests (written by "
-            "`minutely keys` or by the run's first publisher)",
-            str(public),
-        )
+    public = public_key_file(cfg, run_dir)
     models = [m.name for m in cfg.models]
     agent: subprocess.Popen[bytes] | None = None
     stop_follow = threading.Event()

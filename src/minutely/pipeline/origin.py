@@ -116,10 +116,10 @@ def publisher_registry(cfg: Config, run_dir: Path) -> Registry:
     )
 
 
-def reader_registry(cfg: Config, run_dir: Path, *, public_key: Path | None = None) -> Registry:
-    """The registry as a server or an agent opens it: refusing what the key did not sign."""
+def public_key_file(cfg: Config, run_dir: Path) -> Path:
+    """The public key that verifies the run's manifests; :class:`ConfigError` when it is
+    missing (a reader never accepts unsigned versions for want of a key)."""
     _, public = key_paths(cfg, run_dir)
-    public = public_key if public_key is not None else public
     if not public.exists():
         raise ConfigError(
             "registry.public_key",
@@ -127,6 +127,12 @@ def reader_registry(cfg: Config, run_dir: Path, *, public_key: Path | None = Non
             "`minutely keys` or by the run's first publisher)",
             str(public),
         )
+    return public
+
+
+def reader_registry(cfg: Config, run_dir: Path) -> Registry:
+    """The registry as a server or an agent opens it: refusing what the key did not sign."""
+    public = public_key_file(cfg, run_dir)
     return Registry(
         registry_location(cfg, run_dir),
         storage_options=fsspec_options(cfg) or None,
