@@ -157,7 +157,10 @@ def wait_installed(
         while pending:
             for name, a in list(pending.items()):
                 a.ready()  # raises if it died
-                doc = client.get(f"{a.url}/v1/status").json()["models"][model]
+                try:
+                    doc = client.get(f"{a.url}/v1/status").json()["models"][model]
+                except httpx.TransportError:
+                    continue  # a busy agent dropped the connection: asked again next round
                 if version in doc["installed"] and doc["fetches"].get(version, {}).get("installed"):
                     done[name] = doc
                     del pending[name]
