@@ -686,23 +686,25 @@ def test_chunk_layout_refuses_bad_names_and_digest_counts() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_slow_origin_read_keeps_its_lease(origin: Origin, fleet: Fleet) -> None:
     manifest = publish(origin.registry, tensors(256, seed=20))  # 5 chunks of 16 KiB
     size = sum(e.bytes for e in manifest.files.values())
-    tracker, tracker_url = fleet.tracker(lease_s=0.3)
+    # leases of 2 s, renewed every 0.67 s: a busy machine delays a renewal by well under 1.3 s
+    tracker, tracker_url = fleet.tracker(lease_s=2.0)
     slow = fleet.agent(
         str(origin.root),
         name="slow",
         tracker=tracker_url,
         max_transfers=5,
-        max_bytes_per_s=2.0 * CHUNK_BYTES,  # 2.5 s for the five chunks, leases of 0.3 s
+        max_bytes_per_s=0.4 * CHUNK_BYTES,  # 12.5 s for the five chunks: six lease times
     )
     thread = threading.Thread(target=slow.agent.fetch, args=(MODEL, manifest.version))
     thread.start()
-    wait_for("the slow agent's leases", lambda: tracker.status()["leases_live"] == 5, 10)
+    wait_for("the slow agent's leases", lambda: tracker.status()["leases_live"] == 5, 30)
     fast = fleet.agent(str(origin.root), name="fast", tracker=tracker_url)
     fast.agent.fetch(MODEL, manifest.version)
-    thread.join(timeout=20)
+    thread.join(timeout=60)
     assert slow.local.versions(MODEL) == fast.local.versions(MODEL) == [manifest.version]
     assert slow.counters()["bytes_from_origin"] == size
     assert fast.counters()["bytes_from_origin"] == 0
