@@ -78,4 +78,7 @@ def test_services_survive_kills_and_a_broker_restart(tmp_path: Path) -> None:
         broker.stop()
     assert got.trained == ref.trained
     assert got.dead_letters == ref.dead_letters
-    assert "the log failed" in topo.output("join-0")  # it saw the broker go, and came back
+    # the outage was real: a service saw the broker go, and came back (which one notices within
+    # the 3 s depends on what each was doing at the time)
+    outputs = {name: topo.output(name) for name in ("join-0", "train-ctr", "simulate")}
+    assert any("the log failed" in out for out in outputs.values()), sorted(outputs)
