@@ -25,12 +25,26 @@ from minutely.pipeline.origin import (
     reader_registry,
     registry_location,
 )
-from minutely.registry import Registry
+from minutely.registry import Manifest, Registry
 from minutely.registry.signing import Signer
 from minutely.schema import default_schema
 from minutely.stream.factory import open_log
 
 SCHEMA = default_schema()
+
+
+def publish(registry: Registry, model: str, w: torch.Tensor) -> Manifest:
+    """A one-tensor LR version of ``model``."""
+    return registry.publish(
+        model,
+        {"w": w},
+        created_ms=5,
+        arch="lr",
+        model_config={"arch": "lr"},
+        schema=SCHEMA,
+        metrics={},
+        samples_seen=0,
+    )
 
 
 def test_a_run_generates_its_key_pair_once_and_signs_what_it_publishes(tmp_path: Path) -> None:
@@ -42,16 +56,7 @@ def test_a_run_generates_its_key_pair_once_and_signs_what_it_publishes(tmp_path:
     ensure_keys(cfg, tmp_path)
     assert private.read_bytes() == before  # not regenerated
     pub = publisher_registry(cfg, tmp_path)
-    m = pub.publish(
-        "ctr",
-        {"w": torch.ones(3)},
-        created_ms=1,
-        arch="lr",
-        model_config={"arch": "lr"},
-        schema=SCHEMA,
-        metrics={},
-        samples_seen=0,
-    )
+    m = publish(pub, "ctr", torch.ones(3))
     _, sig = pub.manifest_bytes("ctr", m.version)
     assert sig is not None
     reader = reader_registry(cfg, tmp_path)
@@ -63,16 +68,7 @@ def test_a_reader_refuses_a_version_another_key_signed(tmp_path: Path) -> None:
     cfg = load_config(None)
     ensure_keys(cfg, tmp_path)
     other = Registry(tmp_path / "registry", signer=Signer.generate())
-    m = other.publish(
-        "ctr",
-        {"w": torch.ones(3)},
-        created_ms=1,
-        arch="lr",
-        model_config={"arch": "lr"},
-        schema=SCHEMA,
-        metrics={},
-        samples_seen=0,
-    )
+    m = publish(other, "ctr", torch.ones(3))
     with pytest.raises(ArtifactError, match="wrong signature"):
         reader_registry(cfg, tmp_path).load("ctr", m.version, expected_fingerprint=None)
 
@@ -108,16 +104,8 @@ def test_every_publish_and_pin_is_announced_on_the_topic(tmp_path: Path) -> None
     try:
         registry = publisher_registry(cfg, tmp_path)
         Announcer(registry, log, "model-versions")
-        kw = {
-            "created_ms": 5,
-            "arch": "lr",
-            "model_config": {"arch": "lr"},
-            "schema": SCHEMA,
-            "metrics": {},
-            "samples_seen": 0,
-        }
-        v1 = registry.publish("ctr", {"w": torch.zeros(2)}, **kw).version
-        v2 = registry.publish("ctr", {"w": torch.ones(2)}, **kw).version
+        v1 = publish(registry, "ctr", torch.zeros(2)).version
+        v2 = publish(registry, "ctr", torch.ones(2)).version
         registry.pin("ctr", v1)
         registry.unpin("ctr")
         records = log.read("model-versions", 0, 0, 100)
@@ -178,15 +166,7 @@ def test_a_follower_sees_announcements_made_after_it_started(
     log = open_log(StreamConfig(), tmp_path)
     registry = publisher_registry(cfg, tmp_path)
     Announcer(registry, log, "model-versions")
-    kw = {
-        "created_ms": 5,
-        "arch": "lr",
-        "model_config": {"arch": "lr"},
-        "schema": SCHEMA,
-        "metrics": {},
-        "samples_seen": 0,
-    }
-    before = registry.publish("ctr", {"w": torch.zeros(2)}, **kw).version  # not seen
+    before = publish(registry, "ctr", torch.zeros(2)).version  # not seen
     got: list[tuple[str, str | None]] = []
     stop = threading.Event()
     thread = threading.Thread(
@@ -199,8 +179,8 @@ def test_a_follower_sees_announcements_made_after_it_started(
             thread.start()
             time.sleep(0.3)
             log.append("model-versions", [(b"ctr", b"not json", 1)])
-            registry.publish("cvr", {"w": torch.zeros(2)}, **kw)  # another model: skipped
-            after = registry.publish("ctr", {"w": torch.ones(2)}, **kw).version
+            publish(registry, "cvr", torch.zeros(2))  # another model: skipped
+            after = publish(registry, "ctr", torch.ones(2)).version
             deadline = time.monotonic() + 10
             while not got and time.monotonic() < deadline:
                 time.sleep(0.02)
