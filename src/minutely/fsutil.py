@@ -117,6 +117,23 @@ def write_file_durably(path: Path, data: bytes | memoryview) -> None:
         ) from exc
 
 
+def place_file_durably(src: Path, dst: Path) -> None:
+    """Make ``dst`` a durable copy of the file ``src``: a hard link when both are on one file
+    system (no bytes copied), else a streamed copy; ``src`` itself is left in place."""
+    try:
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            shutil.copyfile(src, dst)
+        fsync_file(dst)
+    except OSError as exc:
+        raise StorageError(
+            f"{dst}: expected a copy of {src}, got {describe_os_error(exc)}"
+        ) from exc
+
+
 def replace_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: readers see the old content or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

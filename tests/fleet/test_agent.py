@@ -352,17 +352,22 @@ def test_verified_chunks_on_disk_are_reused_and_bad_ones_fetched_again(
     blob = (origin.root / MODEL / manifest.version / chunks[0].file).read_bytes()
     cache = fleet.tmp / "a" / "cache" / MODEL / manifest.version
     cache.mkdir(parents=True)
-    for c in chunks[:2]:
-        (cache / f"{c.file}.{c.index}").write_bytes(blob[c.start : c.start + c.length])
-    c = chunks[2]
-    (cache / f"{c.file}.{c.index}").write_bytes(b"garbage")
-    (cache / f".{c.file}.{c.index}.123.tmp").write_bytes(b"a write cut short")
+    assert len({c.file for c in chunks}) == 1
+    assert len(chunks) > 3
+    # chunks 0 and 1 arrived; chunk 2 was cut short by a crash (garbage in its first bytes);
+    # the part file is longer than the version (to be cut back)
+    part = bytearray(blob[: chunks[2].start + chunks[2].length])
+    part[chunks[2].start : chunks[2].start + 7] = b"garbage"
+    (cache / f"{chunks[0].file}.part").write_bytes(bytes(part) + b"\0" * len(blob))
     a = fleet.agent(str(origin.root), name="a")
     a.agent.fetch(MODEL, manifest.version)
     counters = a.counters()
     assert counters["chunks_resumed"] == 2
     assert counters["chunks_from_origin"] == len(chunks) - 2
     assert counters["bytes_from_origin"] == len(blob) - chunks[0].length - chunks[1].length
+    installed = fleet.tmp / "a" / "registry" / MODEL / manifest.version / chunks[0].file
+    assert installed.read_bytes() == blob
+    assert not cache.exists()
 
 
 def test_status_and_chunk_endpoints(origin: Origin, fleet: Fleet) -> None:

@@ -176,7 +176,40 @@ def test_install_refuses_a_different_version_under_a_taken_name(
     assert reg.manifest_bytes("ctr", m.version)[0] == raw
 
 
-def test_install_checks_everything_before_writing(place: Place, reg: Registry) -> None:
+def _as_files(files: dict[str, bytes], folder: Path) -> dict[str, bytes | Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, bytes | Path] = {}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        out[name] = folder / name
+    return out
+
+
+def test_install_from_files_verifies_and_links_them_without_reading_them_whole(
+    place: Place, reg: Registry, tmp_path: Path
+) -> None:
+    signer = Signer.generate()
+    origin = Registry(tmp_path / "origin", signer=signer, chunk_bytes=64)
+    m = publish(origin, seed=3)
+    raw, sig, files = _received(origin, m.version)
+    sources = _as_files(files, tmp_path / "received")
+    target = place.registry(verifier=signer.verifier())
+    assert target.install("ctr", m.version, raw, sig, sources) == m
+    assert target.read_range("ctr", m.version, WEIGHTS_FILE, 0, 1 << 30) == files[WEIGHTS_FILE]
+    assert_same_tensors(target.load("ctr", m.version, expected_fingerprint=FP)[1], tensors(3))
+    source = sources[WEIGHTS_FILE]
+    assert isinstance(source, Path)
+    assert source.read_bytes() == files[WEIGHTS_FILE]
+    local = Registry(tmp_path / "local", verifier=signer.verifier())
+    local.install("ctr", m.version, raw, sig, sources)
+    linked = tmp_path / "local" / "ctr" / m.version / WEIGHTS_FILE
+    assert linked.stat().st_ino == source.stat().st_ino  # a folder links: no bytes copied
+
+
+@pytest.mark.parametrize("as_files", [False, True], ids=["bytes", "files"])
+def test_install_checks_everything_before_writing(
+    place: Place, reg: Registry, tmp_path: Path, as_files: bool
+) -> None:
     m = publish(reg, seed=1)
     raw, sig, files = _received(reg, m.version)
     target = place.registry()
@@ -204,8 +237,9 @@ def test_install_checks_everything_before_writing(place: Place, reg: Registry) -
         model = f"m{i}"
         doc = manifest_json.replace(b'"model": "ctr"', f'"model": "{model}"'.encode())
         message = message.replace("'ctr'", f"'{model}'")
+        sources = _as_files(given, tmp_path / str(i)) if as_files else given
         with pytest.raises(ArtifactError, match=message):
-            target.install(model, version, doc, sig, given)
+            target.install(model, version, doc, sig, sources)
         assert target.versions(model) == []
         assert place.files(model) == []
 

@@ -17,12 +17,14 @@ the latest), and for one its local registry lacks it
    Without a tracker, or while it does not answer, chunks come from the origin directly. A peer
    that errors, times out or sends a chunk that fails its sha256 is dropped for that version;
    the chunk is fetched elsewhere (from the origin when no other peer holds it);
-4. keeps every verified chunk in ``<cache>/<model>/<version>/<file>.<index>`` (written
-   atomically after its sha256 check), so a restarted agent resumes with the chunks on disk
-   (each verified again when read), and announces its holding to the tracker as chunks arrive;
-5. once every chunk is verified, assembles the files and installs the version into the local
-   registry (:meth:`Registry.install`, which checks the signature and every file's size and
-   sha256 again); then the chunks are served from the installed files and the cache is removed.
+4. writes every verified chunk at its offset of ``<cache>/<model>/<version>/<file>.part`` (a
+   file of the version's size), so a restarted agent resumes with the chunks on disk (each
+   hashed again, those that do not match fetched again), and announces its holding to the
+   tracker as chunks arrive;
+5. once every chunk is verified, installs the version into the local registry from those files
+   (:meth:`Registry.install`, which checks the signature and every file's size, sha256 and chunk
+   digests again, reading in chunks, and links the files in: no version is ever held in memory
+   whole); then the chunks are served from the installed files and the cache is removed.
    Peers are served the newest ``announce_versions`` installed versions of each model.
 
 Chunks are numbered globally over the manifest's ``files`` in sorted file-name order, each file
@@ -434,7 +436,7 @@ class Agent:
             manifest_json, signature = self.origin.manifest_bytes(model, version)
             try:
                 manifest = self.local.verify_manifest(model, version, manifest_json, signature)
-                chunks = chunk_layout(manifest)
+                chunk_layout(manifest)  # refuses file names that are not plain
             except ArtifactError as exc:
                 self._refuse(model, version, str(exc))
                 raise
@@ -450,16 +452,16 @@ class Agent:
                     reason = f"a delta on {manifest.delta_of}, which was refused: {exc}"
                     self._refuse(model, version, reason)
                     raise ArtifactError(f"{model} {version}: {reason}") from exc
-            holding = self._open_cache(model, version, chunks)
+            holding = self._open_cache(model, version, manifest)
             self._transfer(holding)
-            files = self._assemble(holding)
+            assert holding.cache_dir is not None
+            files = {name: _part_path(holding.cache_dir, name) for name in manifest.files}
             try:
                 installed = self.local.install(model, version, manifest_json, signature, files)
             except ArtifactError as exc:
                 self._refuse(model, version, str(exc))
                 self._drop_cache(holding)
                 raise
-            del files
             with self._lock:
                 holding.installed = True
                 state = self._models[model]
@@ -477,29 +479,34 @@ class Agent:
             self._try_announce(holding)
             return installed
 
-    def _open_cache(self, model: str, version: str, chunks: list[Chunk]) -> _Holding:
-        """The holding of a version being fetched, with the verified chunks already on disk."""
+    def _open_cache(self, model: str, version: str, manifest: Manifest) -> _Holding:
+        """The holding of a version being fetched, with the verified chunks already on disk.
+
+        The cache holds one file per file of the version (``<name>.part``, its full size, each
+        chunk written at its offset): a resumed fetch re-hashes every chunk and keeps those that
+        match, and the install links the files into the local registry (no copy).
+        """
         cache_dir = self.cache / model / version
+        chunks = chunk_layout(manifest)
+        holding = _Holding(model, version, chunks, cache_dir=cache_dir)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
+            for name, entry in manifest.files.items():
+                path = _part_path(cache_dir, name)
+                with open(path, "ab"):
+                    pass  # created if missing, kept if a fetch cut short left it
+                os.truncate(path, entry.bytes)
         except OSError as exc:
             raise StorageError(f"{cache_dir}: expected a writable cache folder, got {exc}") from exc
-        holding = _Holding(model, version, chunks, cache_dir=cache_dir)
-        for path in cache_dir.glob(".*.tmp"):
-            path.unlink(missing_ok=True)  # a write cut short by a crash
         resumed = 0
         for chunk in chunks:
-            path = cache_dir / f"{chunk.file}.{chunk.index}"
             try:
-                data = path.read_bytes()
-            except FileNotFoundError:
+                data = _read_part(cache_dir, chunk)
+            except OSError:
                 continue
-            if len(data) == chunk.length and hashlib.sha256(data).hexdigest() == chunk.sha256:
+            if hashlib.sha256(data).hexdigest() == chunk.sha256:
                 holding.held.add(chunk.index)
                 resumed += 1
-            else:
-                logger.warning("%s: does not match its digest: fetching it again", path)
-                path.unlink(missing_ok=True)
         with self._lock:
             self._holdings[(model, version)] = holding
             self._models[model].counters["chunks_resumed"] += resumed
@@ -684,7 +691,7 @@ class Agent:
             )
         self._throttle(len(data))
         assert holding.cache_dir is not None
-        _write_atomically(holding.cache_dir / f"{chunk.file}.{chunk.index}", data)
+        _write_part(holding.cache_dir, chunk, data)
         kind = "origin" if source == ORIGIN else "peers"
         with self._lock:
             counters = self._models[model].counters
@@ -733,15 +740,6 @@ class Agent:
     @staticmethod
     def _wait_all(inflight: Mapping[Future[int], tuple[int, str]]) -> None:
         wait(list(inflight))
-
-    def _assemble(self, holding: _Holding) -> dict[str, bytes]:
-        """The files of a version from its verified chunks in the cache."""
-        assert holding.cache_dir is not None
-        parts: dict[str, list[bytes]] = {}
-        for chunk in holding.chunks:
-            path = holding.cache_dir / f"{chunk.file}.{chunk.index}"
-            parts.setdefault(chunk.file, []).append(path.read_bytes())
-        return {name: b"".join(blobs) for name, blobs in parts.items()}
 
     def _drop_cache(self, holding: _Holding) -> None:
         if holding.cache_dir is not None:
@@ -824,7 +822,7 @@ class Agent:
         data: bytes | None = None
         if not installed and holding.cache_dir is not None:
             try:
-                data = (holding.cache_dir / f"{chunk.file}.{chunk.index}").read_bytes()
+                data = _read_part(holding.cache_dir, chunk)
             except FileNotFoundError:
                 data = None  # installed meanwhile: the cache is gone
         if data is None:
@@ -981,16 +979,34 @@ class Agent:
         )
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (a temporary file renamed; the restart re-verifies
-    every chunk, so no fsync is needed for correctness)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def _part_path(cache_dir: Path, name: str) -> Path:
+    return cache_dir / f"{name}.part"
+
+
+def _write_part(cache_dir: Path, chunk: Chunk, data: bytes) -> None:
+    """Write a verified chunk at its offset of its file's part (no fsync: a restart re-hashes
+    every chunk, so a write lost in a crash is fetched again)."""
+    path = _part_path(cache_dir, chunk.file)
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            written = os.pwrite(fd, data, chunk.start)
+        finally:
+            os.close(fd)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise TransferError(f"{path}: expected to write the chunk to the cache, got {exc}") from exc
+    if written != len(data):
+        raise TransferError(
+            f"{path}: expected to write {len(data)} bytes at {chunk.start}, wrote {written}"
+        )
+
+
+def _read_part(cache_dir: Path, chunk: Chunk) -> bytes:
+    fd = os.open(_part_path(cache_dir, chunk.file), os.O_RDONLY)
+    try:
+        return os.pread(fd, chunk.length, chunk.start)
+    finally:
+        os.close(fd)
 
 
 def parse_options(items: Iterable[str]) -> dict[str, Any]:

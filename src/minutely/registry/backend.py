@@ -38,6 +38,7 @@ from minutely.fsutil import (
     describe_os_error,
     ensure_writable_dir,
     fsync_dir,
+    place_file_durably,
     remove_stale_dirs,
     replace_atomically,
     write_file_durably,
@@ -53,6 +54,10 @@ STALE_LEFTOVER_S = 60.0  # far longer than any pause between two writes of a liv
 
 # The files of a version once its number is known (signature, then manifest: written last).
 Finisher = Callable[[str], Mapping[str, bytes]]
+
+# A file of a version: its bytes, or a local file holding them (streamed or linked, never read
+# into memory whole: a received version may be larger than the memory a server can spare).
+FileSource = bytes | Path
 
 
 class Store(abc.ABC):
@@ -83,7 +88,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def commit(
-        self, model: str, version: str | None, files: Mapping[str, bytes], finish: Finisher
+        self, model: str, version: str | None, files: Mapping[str, FileSource], finish: Finisher
     ) -> str | None:
         """Add a version: ``files``, then ``finish(version)``'s files in their order.
 
@@ -136,7 +141,7 @@ class LocalStore(Store):
             return f.read(length)
 
     def commit(
-        self, model: str, version: str | None, files: Mapping[str, bytes], finish: Finisher
+        self, model: str, version: str | None, files: Mapping[str, FileSource], finish: Finisher
     ) -> str | None:
         mdir = self.root / model
         if model not in self._writable:
@@ -151,8 +156,11 @@ class LocalStore(Store):
                 f"{describe_os_error(exc)}"
             ) from exc
         try:
-            for name, data in files.items():
-                write_file_durably(tmp / name, data)
+            for name, source in files.items():
+                if isinstance(source, Path):
+                    place_file_durably(source, tmp / name)
+                else:
+                    write_file_durably(tmp / name, source)
             for _ in range(_MAX_PUBLISH_RACES):
                 target = version if version is not None else self._next(model)
                 for name, data in finish(target).items():
@@ -265,7 +273,7 @@ class FsspecStore(Store):
         return bytes(data)
 
     def commit(
-        self, model: str, version: str | None, files: Mapping[str, bytes], finish: Finisher
+        self, model: str, version: str | None, files: Mapping[str, FileSource], finish: Finisher
     ) -> str | None:
         if version is not None:
             if self._exists(self._path(model, version, MANIFEST_FILE)):
@@ -351,13 +359,16 @@ class FsspecStore(Store):
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    def _put(self, path: str, data: bytes) -> None:
+    def _put(self, path: str, source: FileSource) -> None:
         try:
-            self.fs.pipe_file(path, data)
+            if isinstance(source, Path):
+                self.fs.put_file(str(source), path)  # streamed (multipart on S3)
+            else:
+                self.fs.pipe_file(path, source)
         except Exception as exc:
+            what = f"{source}" if isinstance(source, Path) else f"{len(source)} bytes"
             raise StorageError(
-                f"{self._url(path)}: expected to write {len(data)} bytes, got "
-                f"{type(exc).__name__}: {exc}"
+                f"{self._url(path)}: expected to write {what}, got {type(exc).__name__}: {exc}"
             ) from exc
 
     def _size(self, path: str) -> int:

@@ -50,11 +50,12 @@ a publish with a :class:`~minutely.errors.StorageError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +68,7 @@ from minutely.errors import (
     SchemaMismatchError,
     StorageError,
 )
-from minutely.registry.backend import LocalStore, Store, open_store
+from minutely.registry.backend import FileSource, LocalStore, Store, open_store
 from minutely.registry.delta import apply_delta, make_delta
 from minutely.registry.manifest import (
     DELTA_FILE,
@@ -95,6 +96,7 @@ _MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RESERVED = (WEIGHTS_FILE, DELTA_FILE, MANIFEST_FILE, SIGNATURE_FILE)
 _ENCODER = msgspec.json.Encoder()
+_READ_BLOCK = 1 << 20  # how much of a file is read at a time when no chunk size is given
 
 
 class _Pointer(msgspec.Struct, forbid_unknown_fields=True):
@@ -283,9 +285,13 @@ class Registry:
         version: str,
         manifest_json: bytes,
         signature: bytes | None,
-        files: Mapping[str, bytes],
+        files: Mapping[str, FileSource],
     ) -> Manifest:
         """Atomically add ``version`` of ``model`` received from elsewhere, under its own name.
+
+        ``files`` gives each file's bytes or a local file holding them: a file is verified in
+        chunks and then linked (or streamed) into the store, never read into memory whole, and
+        must not change until this returns.
 
         Before anything is written: the signature (when this registry has a verifier), the
         manifest's model and version, that ``files`` are exactly the manifest's ``files``, and
@@ -301,8 +307,8 @@ class Registry:
                 f"got {sorted(files)}"
             )
         for name, entry in manifest.files.items():
-            _check_blob(self._store.describe(model, version, name), files[name], entry)
-            _check_chunks(self._store.describe(model, version, name), files[name], entry, manifest)
+            got = file_entry(files[name], manifest.chunk_bytes if entry.chunks else 0)
+            _check_entry(self._store.describe(model, version, name), got, entry)
         if self._installed_same(model, version, manifest_json, where):
             return manifest
         final = _final_files(manifest_json, signature)  # as received: never signed here
@@ -645,19 +651,31 @@ def check_model_name(model: str) -> str:
     return model
 
 
-def file_entry(data: bytes, chunk_bytes: int) -> FileEntry:
-    """The :class:`FileEntry` of ``data``: size, sha256 and the sha256 of each chunk.
+def file_entry(source: FileSource, chunk_bytes: int) -> FileEntry:
+    """The :class:`FileEntry` of ``source`` (bytes, or a file read in chunks, never whole):
+    size, sha256 and the sha256 of each ``chunk_bytes`` chunk (none when ``chunk_bytes`` is 0).
 
     >>> e = file_entry(b"abcde", 2)
     >>> e.bytes, len(e.chunks), e.chunks[2] == hashlib.sha256(b"e").hexdigest()
     (5, 3, True)
     """
-    view = memoryview(data)
-    chunks = [
-        hashlib.sha256(view[i : i + chunk_bytes]).hexdigest()
-        for i in range(0, len(data), chunk_bytes)
-    ]
-    return FileEntry(sha256=hashlib.sha256(view).hexdigest(), bytes=len(data), chunks=chunks)
+    whole = hashlib.sha256()
+    chunks: list[str] = []
+    size = 0
+    block = chunk_bytes if chunk_bytes > 0 else _READ_BLOCK
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, Path):
+            f = stack.enter_context(open(source, "rb"))
+            pieces: Iterator[bytes | memoryview] = iter(lambda: f.read(block), b"")
+        else:
+            view = memoryview(source)
+            pieces = (view[i : i + block] for i in range(0, len(view), block))
+        for piece in pieces:
+            whole.update(piece)
+            size += len(piece)
+            if chunk_bytes > 0:
+                chunks.append(hashlib.sha256(piece).hexdigest())
+    return FileEntry(sha256=whole.hexdigest(), bytes=size, chunks=chunks)
 
 
 def _final_files(manifest_json: bytes, signature: bytes | None) -> dict[str, bytes]:
@@ -796,21 +814,22 @@ def _check_schema(manifest: Manifest, path: str, expected: str | None) -> None:
 
 
 def _check_blob(path: str, data: bytes, entry: FileEntry) -> None:
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != entry.bytes:
+    _check_entry(path, file_entry(data, 0), entry)
+
+
+def _check_entry(path: str, got: FileEntry, entry: FileEntry) -> None:
+    """``got`` (computed from a file) against the manifest's ``entry``: size, sha256, and the
+    chunk digests when both list them."""
+    if got.bytes != entry.bytes:
         raise ChecksumMismatchError(
             f"{path}: expected {entry.bytes} bytes with sha256 {entry.sha256}, "
-            f"got {len(data)} bytes with sha256 {digest}"
+            f"got {got.bytes} bytes with sha256 {got.sha256}"
         )
-    if digest != entry.sha256:
-        raise ChecksumMismatchError(f"{path}: expected sha256 {entry.sha256}, got {digest}")
-
-
-def _check_chunks(path: str, data: bytes, entry: FileEntry, manifest: Manifest) -> None:
-    if manifest.chunk_bytes == 0:
+    if got.sha256 != entry.sha256:
+        raise ChecksumMismatchError(f"{path}: expected sha256 {entry.sha256}, got {got.sha256}")
+    if not got.chunks:
         return
-    got = file_entry(data, manifest.chunk_bytes).chunks
-    for i, (want, have) in enumerate(zip(entry.chunks, got, strict=True)):
+    for i, (want, have) in enumerate(zip(entry.chunks, got.chunks, strict=True)):
         if want != have:
             raise ChecksumMismatchError(
                 f"{path}: chunk {i}: expected sha256 {want}, got {have} (the manifest's chunk "
