@@ -207,6 +207,7 @@ def _model_state(seed: int) -> Any:
 
 def _publish(registry: Any, state: Any, seed: int) -> str:
     from minutely.config import ModelConfig
+    from minutely.model.artifact import model_config_doc
     from minutely.schema import default_schema
 
     cfg = ModelConfig()
@@ -215,7 +216,7 @@ def _publish(registry: Any, state: Any, seed: int) -> str:
         state,
         created_ms=int(time.time() * 1000),
         arch=cfg.arch,
-        model_config=dataclasses.asdict(cfg),
+        model_config=model_config_doc(cfg),
         schema=default_schema(),
         metrics={},
         samples_seen=seed,

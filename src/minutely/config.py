@@ -150,6 +150,25 @@ class JoinConfig:
 
 
 LossName = Literal["bce", "pu", "fnw", "fnc"]
+SampleFormat = Literal["arrow", "example", "tfrecord"]
+
+
+@dataclass(frozen=True)
+class SamplesConfig:
+    """How a model's samples travel on its samples topic (``[models.samples]``).
+
+    ``format``: ``arrow`` (default) writes one Arrow IPC record batch per message, the trainer's
+    fastest form; ``example`` one serialized tf.train.Example per message; ``tfrecord`` a batch
+    of Examples per message in TFRecord framing. The join writes the format and the trainer
+    reads it. ``keys`` maps sample fields (``sample_id``, ``event_ts_ms``, ``emit_ts_ms``,
+    ``label``, ``is_correction``, ``label_ts_ms``) and feature names to their Example keys (a
+    name not listed keeps its own name); ``max_ids`` is the most ids one multi-valued feature
+    may carry in one sample. A record that breaks them is a dead letter, in every format.
+    """
+
+    format: SampleFormat = "arrow"
+    keys: Mapping[str, str] = field(default_factory=FrozenMap)
+    max_ids: int = field(default=1024, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,7 @@ class ModelConfig:
     hidden: tuple[int, ...] = (128, 64)
     distill_alpha: float = field(default=0.1, metadata=_range(0.0, 1.0))
     freeze_hour_level: bool = True
+    samples: SamplesConfig = SamplesConfig()
 
     @property
     def samples_topic(self) -> str:

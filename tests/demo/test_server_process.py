@@ -10,6 +10,7 @@ import pytest
 
 from minutely.demo.server import ServerProcess
 from minutely.errors import ServeError
+from minutely.model.artifact import model_config_doc
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,6 @@ def test_a_server_that_cannot_start_names_its_log(tmp_path: Path) -> None:
 
 
 def test_a_refused_version_fails_at_once_with_the_reason(tmp_path: Path) -> None:
-    import dataclasses
 
     from minutely.config import ModelConfig
     from minutely.model import build_model
@@ -45,7 +45,7 @@ def test_a_refused_version_fails_at_once_with_the_reason(tmp_path: Path) -> None
         build_model(cfg, schema).state_dict(),
         created_ms=0,
         arch="lr",
-        model_config=dataclasses.asdict(cfg),
+        model_config=model_config_doc(cfg),
         schema=schema,
         metrics={},
         samples_seen=0,

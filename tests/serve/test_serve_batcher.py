@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import threading
 import warnings
@@ -20,6 +19,7 @@ from minutely.config import ModelConfig
 from minutely.data.tensors import FeatureColumns
 from minutely.errors import ConfigError
 from minutely.model import build_model
+from minutely.model.artifact import model_config_doc
 from minutely.registry import FileEntry, Manifest, Registry
 from minutely.schema import default_schema
 from minutely.serve import BatchSettings, create_app
@@ -247,7 +247,7 @@ def publish_deepfm(reg: Registry, seed: int) -> Manifest:
         model.flat_state_dict(),
         created_ms=0,
         arch=cfg.arch,
-        model_config=dataclasses.asdict(cfg),
+        model_config=model_config_doc(cfg),
         schema=SCHEMA,
         metrics={},
         samples_seen=0,

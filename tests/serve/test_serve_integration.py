@@ -19,6 +19,7 @@ import torch
 from minutely.config import ModelConfig
 from minutely.data import instances_to_tensors
 from minutely.model import CtrModel, build_model
+from minutely.model.artifact import model_config_doc
 from minutely.registry import Manifest, Registry
 from minutely.schema import default_schema
 
@@ -45,7 +46,7 @@ def publish(reg: Registry, seed: int) -> tuple[Manifest, list[float]]:
         model.state_dict(),
         created_ms=seed,
         arch=CFG.arch,
-        model_config=dataclasses.asdict(CFG),
+        model_config=model_config_doc(CFG),
         schema=SCHEMA,
         metrics={"auc": 0.5},
         samples_seen=seed,

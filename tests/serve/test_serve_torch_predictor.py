@@ -22,7 +22,11 @@ from minutely.data import instances_to_tensors
 from minutely.data.tensors import FeatureColumns, columns_from_instances
 from minutely.errors import ArtifactError, SchemaError, SchemaMismatchError
 from minutely.model import CtrModel, build_model
-from minutely.model.artifact import model_config_from_manifest, model_from_artifact
+from minutely.model.artifact import (
+    model_config_doc,
+    model_config_from_manifest,
+    model_from_artifact,
+)
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema, default_schema
 from minutely.serve import ModelHolder, Refusal, RegistryPoller, create_app, torch_factory
@@ -67,7 +71,7 @@ def publish(reg: Registry, cfg: ModelConfig, model: CtrModel) -> Manifest:
         model.state_dict(),
         created_ms=0,
         arch=cfg.arch,
-        model_config=dataclasses.asdict(cfg),
+        model_config=model_config_doc(cfg),
         schema=SCHEMA,
         metrics={},
         samples_seen=0,
@@ -110,7 +114,7 @@ def _manifest(cfg: ModelConfig, **changes: Any) -> Manifest:
         base=None,
         created_ms=0,
         arch=cfg.arch,
-        model_config=dataclasses.asdict(cfg),
+        model_config=model_config_doc(cfg),
         feature_schema=SCHEMA.to_dict(),
         schema_fingerprint=SCHEMA.fingerprint(),
         metrics={},
@@ -122,13 +126,13 @@ def _manifest(cfg: ModelConfig, **changes: Any) -> Manifest:
 
 def test_model_config_is_rebuilt_from_the_manifest() -> None:
     cfg = ModelConfig(name="cvr", label="conversion", arch="deepfm", buckets=128, hidden=(16, 8))
-    m = _manifest(cfg, model_config={**dataclasses.asdict(cfg), "hidden": [16, 8]})
+    m = _manifest(cfg, model_config={**model_config_doc(cfg), "hidden": [16, 8]})
     assert model_config_from_manifest(m) == cfg
 
 
 def test_unknown_model_config_field_is_refused() -> None:
     cfg = ModelConfig(arch="lr")
-    m = _manifest(cfg, model_config={**dataclasses.asdict(cfg), "dropout": 0.1})
+    m = _manifest(cfg, model_config={**model_config_doc(cfg), "dropout": 0.1})
     with pytest.raises(
         ArtifactError,
         match=r"ctr v00000001: model_config: expected fields of ModelConfig, got unknown "

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from minutely.config import ModelConfig
 from minutely.data import instances_to_tensors
 from minutely.model import CtrModel, build_model
+from minutely.model.artifact import model_config_doc
 from minutely.registry import Manifest, Registry
 from minutely.schema import default_schema
 from minutely.serve.codec import ARROW_STREAM, encode_arrow
@@ -57,7 +58,7 @@ def publish(reg: Registry, seed: int) -> tuple[Manifest, list[float]]:
         model.flat_state_dict(),
         created_ms=seed,
         arch=CFG.arch,
-        model_config=dataclasses.asdict(CFG),
+        model_config=model_config_doc(CFG),
         schema=SCHEMA,
         metrics={},
         samples_seen=seed,

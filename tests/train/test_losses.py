@@ -17,6 +17,7 @@ from minutely.data import instances_to_tensors
 from minutely.data.tensors import TensorBatch
 from minutely.errors import ConfigError
 from minutely.model import CtrModel, build_model, synthetic_batch
+from minutely.model.artifact import model_config_doc
 from minutely.model.base import fnc_calibrate, fnc_probability
 from minutely.registry import FileEntry, Manifest
 from minutely.schema import default_schema
@@ -356,7 +357,7 @@ def test_served_probabilities_follow_the_artifact_loss(loss: str) -> None:
         base=None,
         created_ms=0,
         arch="lr",
-        model_config=dataclasses.asdict(model.cfg),
+        model_config=model_config_doc(model.cfg),
         feature_schema=SCHEMA.to_dict(),
         schema_fingerprint=SCHEMA.fingerprint(),
         metrics={},

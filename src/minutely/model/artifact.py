@@ -19,7 +19,25 @@ from minutely.model.build import build_model
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
 
-_MODEL_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+# How samples reach the trainer is no part of the model a version holds.
+_TRANSPORT_FIELDS = frozenset({"samples"})
+_MODEL_CONFIG_FIELDS = (
+    frozenset(f.name for f in dataclasses.fields(ModelConfig)) - _TRANSPORT_FIELDS
+)
+
+
+def model_config_doc(cfg: ModelConfig) -> dict[str, object]:
+    """The fields of ``cfg`` a version records as its ``model_config`` (what builds the model;
+    not how its samples travel).
+
+    >>> sorted(model_config_doc(ModelConfig()))[:3]
+    ['arch', 'attribution_window_s', 'buckets']
+    """
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(ModelConfig)
+        if f.name in _MODEL_CONFIG_FIELDS
+    }
 
 
 def model_config_from_manifest(manifest: Manifest) -> ModelConfig:

@@ -30,6 +30,7 @@ from minutely.data.tensors import TensorBatch
 from minutely.errors import ArtifactError, CheckpointError
 from minutely.evaluate import AUC, PCOC, LogLoss, WindowReport
 from minutely.model import CtrModel
+from minutely.model.artifact import model_config_doc
 from minutely.registry import Manifest, Registry
 from minutely.schema import Schema
 
@@ -400,7 +401,7 @@ class Exporter:
             tensors,
             created_ms=now_ms,
             arch=self._model_cfg.arch,
-            model_config=dataclasses.asdict(self._model_cfg),
+            model_config=model_config_doc(self._model_cfg),
             schema=self._schema,
             # An undefined metric (AUC of a slice without positives) is left out, not NaN.
             metrics={k: v for k, v in metrics.items() if math.isfinite(v)},

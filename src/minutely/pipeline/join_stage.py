@@ -53,8 +53,9 @@ from minutely.config import (
     StreamConfig,
     TrainConfig,
 )
-from minutely.data import encode_batch, samples_to_json, samples_to_record_batch
+from minutely.data import samples_to_json, samples_to_record_batch
 from minutely.data.samples import Sample
+from minutely.data.wire import SampleWire
 from minutely.errors import CheckpointError, EventError
 from minutely.events import (
     UNENCODABLE_SAMPLE,
@@ -160,6 +161,10 @@ class PartitionJoin:
         self.partition = partition
         self._raw = settings.stream.raw_topic
         self._validator = EventValidator.from_config(schema, settings.ingest)
+        self._wires = {
+            m.name: SampleWire(schema, m.samples, where=f"models.{m.name}.samples")
+            for m in settings.models
+        }
         self._writer_id = f"join/{self._raw}/{partition}"
         self.stats = JoinStageStats(samples={m.name: 0 for m in settings.models})
         if state is None:
@@ -305,7 +310,7 @@ class PartitionJoin:
         for i in range(0, len(samples), size):
             data, chunk = self._encode(name, samples[i : i + size])
             if chunk:
-                msgs.append((None, data, stamp))
+                msgs += [(None, d, stamp) for d in data]
                 self.stats.samples[name] += len(chunk)
         if msgs:
             self._out[name].append_to(self.partition, msgs)
@@ -316,28 +321,30 @@ class PartitionJoin:
             for writer in self._out.values():
                 writer.append_to(self.partition, [(None, b"", now_ms)])
 
-    def _encode(self, name: str, chunk: list[Sample]) -> tuple[bytes, list[Sample]]:
-        """One samples-topic message of ``chunk``, and the samples it holds.
+    def _encode(self, name: str, chunk: list[Sample]) -> tuple[list[bytes], list[Sample]]:
+        """The samples-topic messages of ``chunk`` (in the model's sample format), and the
+        samples they hold.
 
         When the codec refuses the chunk, each sample is encoded alone: one refused alone is a
         dead letter (the sample as JSON) and the others are encoded together.
         """
+        wire = self._wires[name]
         try:
-            return encode_batch(samples_to_record_batch(chunk, self._schema)), chunk
+            return wire.encode(samples_to_record_batch(chunk, self._schema)), chunk
         except Exception:  # which sample and why: found one by one below
             pass
         good: list[Sample] = []
         for s in chunk:
             try:
-                encode_batch(samples_to_record_batch([s], self._schema))
+                wire.encode(samples_to_record_batch([s], self._schema))
             except Exception as exc:  # refused alone: this sample is the bad one
                 reason = f"{UNENCODABLE_SAMPLE}: sample_id {s.sample_id}: {exc}"
                 self._dead_letter(samples_to_json([s]), reason, f"join/{name}/{self.partition}")
             else:
                 good.append(s)
         if not good:
-            return b"", good
-        return encode_batch(samples_to_record_batch(good, self._schema)), good
+            return [], good
+        return wire.encode(samples_to_record_batch(good, self._schema)), good
 
     def _dead_letter(self, payload: bytes, reason: str, source: str) -> None:
         self._dead.send(payload, reason, source, max(self.clock_ms, 0))

@@ -15,8 +15,9 @@ import pyarrow as pa
 from torch import Tensor
 
 from minutely.config import ModelConfig, TrainConfig
-from minutely.data import decode_batch, record_batch_to_tensors
+from minutely.data import record_batch_to_tensors
 from minutely.data.tensors import TensorBatch
+from minutely.data.wire import SampleWire
 from minutely.errors import CodecError
 from minutely.evaluate import MetricSet, WindowReport
 from minutely.events import UNDECODABLE_SAMPLES
@@ -52,13 +53,15 @@ class SampleWindows:
         poll_records: int = 256,
         dead_letters: DeadLetterSink | None = None,
     ) -> None:
-        """``dead_letters`` receives messages that do not decode as samples of ``schema``
-        (without it, such a message raises :class:`~minutely.errors.CodecError`)."""
+        """``dead_letters`` receives messages (or records of a TFRecord message) that do not
+        decode as samples of ``schema`` in the model's sample format, each with its reason and
+        offset (without it, such a message raises :class:`~minutely.errors.CodecError`)."""
         self._schema = schema
         self._buckets = model.buckets
         self._batch_size = batch_size
         self._poll_records = poll_records
         self._dead = dead_letters
+        self._wire = SampleWire(schema, model.samples, where=f"models.{model.name}.samples")
         self._topic = model.samples_topic
         self._log = log
         self._n = log.partitions(self._topic)
@@ -133,22 +136,25 @@ class SampleWindows:
         """The samples of every message stamped before ``end_ms`` not read yet, sorted by
         (emit time, sample id). Reads what the log holds now; see :meth:`fill`."""
         self.fill(end_ms)
-        batches = []
+        taken: list[Record] = []
         for q in self._buf.values():
             while q and q[0].ts_ms < end_ms:
                 r = q.popleft()
                 if r.value:  # an empty message only carries the join's watermark
-                    try:
-                        batches.append(decode_batch(r.value, self._schema))
-                    except CodecError as exc:
-                        if self._dead is None:
-                            raise
-                        source = f"{r.topic}/{r.partition}@{r.offset}"
-                        reason = f"{UNDECODABLE_SAMPLES}: {exc}"
-                        self._dead.send(r.value, reason, source, r.ts_ms)
-        if not batches:
+                    taken.append(r)
+        if not taken:
             return None
-        table = pa.Table.from_batches(batches)
+        table, refused = self._wire.decode([r.value for r in taken])
+        for bad in refused:
+            r = taken[bad.message]
+            if self._dead is None:
+                raise CodecError(f"{r.topic}/{r.partition}@{r.offset}: {bad.reason}")
+            source = f"{r.topic}/{r.partition}@{r.offset}"
+            if bad.record is not None:
+                source += f"#{bad.record}"
+            self._dead.send(bad.payload, f"{UNDECODABLE_SAMPLES}: {bad.reason}", source, r.ts_ms)
+        if table is None:
+            return None
         return table.sort_by([("emit_ts_ms", "ascending"), ("sample_id", "ascending")])
 
     def micro_batches(self, table: pa.Table) -> Iterator[TensorBatch]:

@@ -94,7 +94,7 @@ _MISSING = object()
 
 
 def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(node, dict):
+    if isinstance(node, Mapping):  # a dict, or a table of strings (FrozenMap)
         for k, v in node.items():
             _flatten(v, f"{prefix}.{k}", out)
     elif isinstance(node, (list, tuple)) and node and all(isinstance(x, dict) for x in node):

@@ -5,15 +5,16 @@ model's buckets by :func:`~minutely.data.tensors.columns_to_tensors` (the hashin
 and scored by the model :func:`~minutely.model.artifact.model_from_artifact` rebuilds from the
 manifest's model config and feature schema, with the artifact's tensors as its weights.
 
->>> import dataclasses, torch
+>>> import torch
 >>> from minutely.config import ModelConfig
 >>> from minutely.model import build_model
+>>> from minutely.model.artifact import model_config_doc
 >>> from minutely.registry import FileEntry, Manifest
 >>> from minutely.schema import default_schema
 >>> schema, cfg = default_schema(), ModelConfig(arch="lr", buckets=64)
 >>> manifest = Manifest(
 ...     manifest_version=1, model="ctr", version="v00000001", parent=None, base=None,
-...     created_ms=0, arch="lr", model_config=dataclasses.asdict(cfg),
+...     created_ms=0, arch="lr", model_config=model_config_doc(cfg),
 ...     feature_schema=schema.to_dict(), schema_fingerprint=schema.fingerprint(), metrics={},
 ...     samples_seen=0, files={"weights.safetensors": FileEntry(sha256="", bytes=0)},
 ... )
