@@ -99,15 +99,6 @@ class Proc:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
 
 def wait_ready(procs: list[Proc], timeout_s: float = 600.0) -> None:
     deadline = time.monotonic() + timeout_s
@@ -261,12 +252,19 @@ def report_warnings(procs: list[Proc], phase: str) -> int:
     return len(lines)
 
 
-def stop_all(procs: list[Proc]) -> None:
+def stop_all(procs: list[Proc], grace_s: float = 30.0) -> None:
+    """SIGTERM to every process, then SIGKILL to those still running after ``grace_s`` in all
+    (an agent blocked on an overloaded origin's read may not stop at once)."""
     for p in procs:
         if p.proc.poll() is None:
             os.kill(p.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
     for p in procs:
-        p.stop()
+        try:
+            p.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.kill(p.proc.pid, signal.SIGKILL)
+            p.proc.wait()
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
             "joined_samples_per_s_median",
         ),
         ("train.py", ["--quick"], "large_trainer_over_plain"),
+        ("ingest.py", ["--samples", "4096", "--rounds", "1", "--backends", "sqlite"], "samples"),
     ],
 )
 def test_benchmark_prints_json_last(script: str, args: list[str], key: str) -> None:

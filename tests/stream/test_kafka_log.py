@@ -108,6 +108,16 @@ def test_topics_keep_their_records_whatever_their_time(klog: KafkaLog, new_topic
     assert future.result(10)["retention.ms"].value == "-1"
 
 
+def test_messages_of_several_megabytes_go_through(klog: KafkaLog, new_topic: NewTopic) -> None:
+    # A micro-batch of 4,096 samples is a few MB: above a broker's default 1 MB limit.
+    t = new_topic("samples")
+    klog.create_topic(t, 1)
+    big = bytes(range(256)) * (6 << 12)  # 6 MiB
+    klog.append(t, [(None, big, 5)])
+    (record,) = klog.read(t, 0, 0, 10)
+    assert record.value == big
+
+
 # --- errors of the Kafka side -----------------------------------------------------------------
 
 

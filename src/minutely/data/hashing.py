@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -27,12 +29,6 @@ import numpy.typing as npt
 from minutely.errors import ConfigError, SchemaError
 
 _MASK64 = (1 << 64) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_S30 = np.uint64(30)
-_S27 = np.uint64(27)
-_S31 = np.uint64(31)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -51,8 +47,9 @@ def feature_salt(name: str) -> int:
 def hash_ids(ids: npt.NDArray[np.integer], salt: int, buckets: int) -> npt.NDArray[np.int64]:
     """Map integer ids into ``[0, buckets)``: splitmix64 of ``id XOR salt``, modulo ``buckets``.
 
-    Vectorised over uint64 with wrapping arithmetic; negative ids are taken as their two's
-    complement bits. ``salt`` is taken modulo 2**64. Returns a new int64 array of the same shape.
+    One compiled pass over the ids (numba) with wrapping uint64 arithmetic; negative ids are
+    taken as their two's complement bits. ``salt`` is taken modulo 2**64. Returns a new int64
+    array of the same shape.
 
     >>> import numpy as np
     >>> hash_ids(np.array([7, 7, -7]), salt=0, buckets=10).tolist()
@@ -63,15 +60,16 @@ def hash_ids(ids: npt.NDArray[np.integer], salt: int, buckets: int) -> npt.NDArr
     arr = np.asarray(ids)
     if not np.issubdtype(arr.dtype, np.integer):
         raise SchemaError(f"hash_ids: expected an integer id array, got dtype {arr.dtype}")
-    # astype copies, so the in-place steps below never touch the caller's (possibly read-only,
-    # Arrow-backed) memory; the int64 -> uint64 cast keeps the bits.
-    z = arr.astype(np.uint64)
-    z ^= np.uint64(salt & _MASK64)
-    z += _GOLDEN
-    z ^= z >> _S30
-    z *= _MIX1
-    z ^= z >> _S27
-    z *= _MIX2
-    z ^= z >> _S31
-    z %= np.uint64(buckets)
-    return z.view(np.int64)
+    flat = np.ascontiguousarray(arr.reshape(-1)).astype(np.int64, copy=False)  # keeps the bits
+    out = np.empty(flat.shape, dtype=np.int64)
+    if flat.size:
+        _kernel()(flat, np.uint64(salt & _MASK64), np.uint64(buckets), out)
+    return out.reshape(arr.shape)
+
+
+@functools.cache
+def _kernel() -> Callable[..., None]:
+    """The numba kernel (compiled, or loaded from its cache, on first use)."""
+    from minutely.data._hash_kernel import hash_into
+
+    return cast(Callable[..., None], hash_into)

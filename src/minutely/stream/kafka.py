@@ -50,6 +50,7 @@ from minutely.stream.base import (
 from minutely.stream.base import Message as LogMessage
 from minutely.stream.kafka_client import (
     LOG,
+    MAX_MESSAGE_BYTES,
     check_options,
     client_options,
     describe,
@@ -61,7 +62,9 @@ from minutely.stream.kafka_consumer import KafkaConsumer, consume_some
 from minutely.stream.partitioner import partitions_for
 
 # Topic settings the log depends on (see the module docstring).
-_TOPIC_CONFIG = {"retention.ms": "-1"}
+# Topics minutely creates keep everything and take messages up to MAX_MESSAGE_BYTES: a
+# micro-batch of samples is a few MB (a broker's default limit is about 1 MB).
+_TOPIC_CONFIG = {"retention.ms": "-1", "max.message.bytes": str(MAX_MESSAGE_BYTES)}
 
 
 class KafkaLog:

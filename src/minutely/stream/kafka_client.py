@@ -28,12 +28,18 @@ Role = Literal["admin", "producer", "consumer"]
 # some brokers answer with by default.
 FETCH_MAX_BYTES = 64 << 20
 RECEIVE_MAX_BYTES = 128 << 20
+# The largest message a producer sends (and a topic minutely creates takes).
+MAX_MESSAGE_BYTES = 32 << 20
 
 _DEFAULTS: dict[Role, dict[str, str]] = {
     "admin": {},
     # Connecting to every broker at once lets the idempotent producer get its id on its first
     # try instead of after librdkafka's 500 ms retry timer.
-    "producer": {"linger.ms": "5", "enable.sparse.connections": "false"},
+    "producer": {
+        "linger.ms": "5",
+        "enable.sparse.connections": "false",
+        "message.max.bytes": str(MAX_MESSAGE_BYTES),
+    },
     # librdkafka fetches only while nothing it fetched (a record, an end-of-partition event)
     # waits to be consumed, and then looks again every millisecond: a consumer that is not
     # polled stops fetching. Against a broker that answers a fetch at a partition's end at once
