@@ -43,7 +43,7 @@ import functools
 import importlib
 import itertools
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -53,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from minutely.config import FrozenMap
 from minutely.data.arrow import _FIXED_COLUMNS, arrow_schema, check_record_batch
 from minutely.errors import CodecError, ConfigError
 from minutely.schema import Schema
@@ -84,33 +85,6 @@ _U64 = 0xFFFFFFFFFFFFFFFF
 def _kernels() -> ModuleType:
     """The numba kernels, imported (and compiled or loaded from the cache) on first use."""
     return importlib.import_module("minutely.data._example_kernels")
-
-
-class _Keys(Mapping[str, str]):
-    """A read-only, hashable name -> key mapping in arrow_schema order."""
-
-    def __init__(self, items: Mapping[str, str]) -> None:
-        self._items = dict(items)
-
-    def __getitem__(self, name: str) -> str:
-        return self._items[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(tuple(self._items.items()))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping):
-            return dict(self._items) == dict(other)
-        return NotImplemented
-
-    def __repr__(self) -> str:
-        return repr(self._items)
 
 
 @dataclass(frozen=True)
@@ -219,7 +193,7 @@ class ExampleSpec:
                 given,
             )
         checked = _checked_keys(self.schema, given, self.max_ids, "ExampleSpec")
-        object.__setattr__(self, "keys", _Keys(checked))
+        object.__setattr__(self, "keys", FrozenMap(checked))
 
     @classmethod
     def build(
