@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from minutely.errors import CodecError, ConfigError
 from minutely.events import UNDECODABLE_SAMPLES
 from minutely.pipeline.learner import SampleWindows
 from minutely.schema import default_schema
-from minutely.stream import DeadLetterSink, SqliteLog, read_dead_letters
+from minutely.stream import DeadLetterSink, KafkaLog, Log, SqliteLog, read_dead_letters
 
 SCHEMA = default_schema()
 WHERE = "models.ctr.samples"
@@ -136,23 +137,36 @@ def test_a_bad_message_or_record_is_refused_alone_with_where_it_was() -> None:
     assert refused[0].reason.startswith("sample batch: expected an Arrow IPC stream")
 
 
-def test_the_trainer_sends_bad_examples_to_dead_letters_with_their_offset(tmp_path: Path) -> None:
-    model = replace(ModelConfig(), samples=SamplesConfig(format="example"))
-    log = SqliteLog(tmp_path / "log.sqlite")
-    log.create_topic(model.samples_topic, 1)
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("kafka", marks=pytest.mark.integration)]
+)
+def test_the_trainer_sends_bad_examples_to_dead_letters_with_their_offset(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    name = f"ctr{uuid.uuid4().hex[:8]}"  # topics of their own on the session's broker
+    model = replace(ModelConfig(name=name), samples=SamplesConfig(format="example"))
+    log: Log
+    if backend == "kafka":
+        log = KafkaLog(request.getfixturevalue("kafka_bootstrap"))
+    else:
+        log = SqliteLog(tmp_path / "log.sqlite")
+    topic, dead = model.samples_topic, f"dead_letters.{name}"
+    log.create_topic(topic, 1)
     good = wire("example").encode(batch(sample(1), sample(2)))
-    log.append(model.samples_topic, [(None, good[0], 10), (None, b"\x0a", 10), (None, good[1], 10)])
-    sink = DeadLetterSink(log, "dead_letters")
+    log.append(topic, [(None, good[0], 10), (None, b"\x0a", 10), (None, good[1], 10)])
+    sink = DeadLetterSink(log, dead)
     windows = SampleWindows(log, model, SCHEMA, 8, dead_letters=sink)
     table = windows.read_table(100)
     assert table is not None
     assert table.column("sample_id").to_pylist() == [1, 2]
-    (letter,) = read_dead_letters(log, "dead_letters")
-    assert letter.source == "samples.ctr/0@1"
+    (letter,) = read_dead_letters(log, dead)
+    assert letter.source == f"{topic}/0@1"
     assert letter.reason.startswith(f"{UNDECODABLE_SAMPLES}: not a valid Example")
     assert letter.payload == b"\x0a"
     # Without a sink the bad record stops the read, naming where it is.
     strict = SampleWindows(log, model, SCHEMA, 8)
-    with pytest.raises(CodecError, match=r"samples\.ctr/0@1: not a valid Example"):
+    with pytest.raises(CodecError, match=rf"{topic}/0@1: not a valid Example"):
         strict.read_table(100)
+    windows.close()
+    strict.close()
     log.close()
