@@ -162,8 +162,9 @@ class SamplesConfig:
     of Examples per message in TFRecord framing. The join writes the format and the trainer
     reads it. ``keys`` maps sample fields (``sample_id``, ``event_ts_ms``, ``emit_ts_ms``,
     ``label``, ``is_correction``, ``label_ts_ms``) and feature names to their Example keys (a
-    name not listed keeps its own name); ``max_ids`` is the most ids one multi-valued feature
-    may carry in one sample. A record that breaks them is a dead letter, in every format.
+    name not listed keeps its own name; Arrow batches name their columns by the names). A
+    sample with more than ``max_ids`` ids in one multi-valued feature is a dead letter, in every
+    format.
     """
 
     format: SampleFormat = "arrow"
