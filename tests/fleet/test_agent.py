@@ -451,6 +451,7 @@ def _settings(tmp_path: Path, **kw: Any) -> AgentSettings:
         ({"region": "a b"}, "'agent.region': expected a name without '/' or spaces"),
         ({"peer_id": "a/b"}, "'agent.peer_id': expected a name without '/' or spaces"),
         ({"poll_interval_s": 0}, "'agent.poll_interval_s': expected a number of seconds > 0"),
+        ({"stop_grace_s": 0}, "'agent.stop_grace_s': expected a number of seconds > 0, got 0"),
         ({"max_transfers": 0}, "'agent.max_transfers': expected an int >= 1, got 0"),
         ({"max_bytes_per_s": -1.0}, "'agent.max_bytes_per_s': expected a number > 0 or none"),
     ],
@@ -458,6 +459,48 @@ def _settings(tmp_path: Path, **kw: Any) -> AgentSettings:
 def test_bad_settings_name_the_field(tmp_path: Path, kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         _settings(tmp_path, **kw).check()
+
+
+def test_a_stop_waits_for_transfers_stuck_on_the_origin_only_its_grace(
+    origin: Origin, fleet: Fleet
+) -> None:
+    manifest = publish(origin.registry, tensors(256, seed=12))
+    a = fleet.agent(str(origin.root), name="a", stop_grace_s=0.5, max_transfers=2)
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    read_range = a.agent.origin.read_range
+
+    def stuck(*args: Any) -> bytes:  # an origin that stopped answering mid-read
+        started.release()
+        release.wait(30)
+        return read_range(*args)
+
+    a.agent.origin.read_range = stuck  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            a.agent.fetch(MODEL, manifest.version)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=fetch)
+    thread.start()
+    try:
+        assert started.acquire(timeout=10)
+        t = time.monotonic()
+        a.agent.close()
+        assert time.monotonic() - t < 3.0
+        assert a.agent.transfers_running() >= 1
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert [type(e).__name__ for e in errors] == ["_StoppedError"]
+        assert a.local.versions(MODEL) == []
+    finally:
+        release.set()
+        thread.join(timeout=10)
+    # The stuck reads end on their own once the origin answers; nothing is left running.
+    wait_for("the transfers to end", lambda: a.agent.transfers_running() == 0)
 
 
 def test_fetch_of_a_model_not_watched_is_refused(origin: Origin, fleet: Fleet) -> None:

@@ -3,6 +3,7 @@ a signed version from an S3 origin end to end."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,36 @@ from minutely.registry import Registry, Signer
 from s3_server import REGION, new_bucket, s3_storage_options
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_a_stopped_agent_exits_within_its_grace_when_the_origin_hangs(tmp_path: Path) -> None:
+    origin = Registry(tmp_path / "origin", chunk_bytes=1024)
+    manifest = publish(origin, tensors(64, seed=2))
+    (name,) = manifest.files
+    data = tmp_path / "origin" / MODEL / manifest.version / name
+    data.unlink()
+    os.mkfifo(data)  # opening it for a read blocks: an origin that stopped answering
+    args = [
+        *("--origin", str(tmp_path / "origin"), "--cache", str(tmp_path / "cache")),
+        *("--local-registry", str(tmp_path / "local"), "--model", MODEL),
+        *("--poll-interval", "0.05", "--stop-grace", "1"),
+    ]
+    agent = AgentProcess.start(tmp_path, "agent", args)
+    try:
+        wait_for(
+            "a fetch to start",
+            lambda: manifest.version in model_status(agent.status())["in_progress"],
+            timeout_s=30,
+        )
+        t = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        agent.proc.wait(timeout=15)
+        took = time.monotonic() - t
+    finally:
+        agent.stop()
+    assert agent.proc.returncode == 0
+    assert took < 10
+    assert "transfers still running 1.0 s after the stop: exiting without them" in agent.tail()
 
 
 def test_an_agent_killed_halfway_fetches_only_the_missing_chunks(tmp_path: Path) -> None:

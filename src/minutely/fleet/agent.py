@@ -41,6 +41,8 @@ server itself holds until then), and keeps the newest ``announce_versions`` vers
 model there (and what they need: pinned, bases, delta parents). The agent handles bytes only:
 it never loads a model.
 Stopping the agent (SIGTERM) cuts a fetch short between chunks; the next start resumes it.
+Transfers in flight get ``stop_grace_s`` to end; the process then exits without the ones still
+running (a read from an origin that stopped answering), which the next start fetches again.
 
 ``python -m minutely.fleet.agent --origin s3://bucket/registry --origin-option
 endpoint_url=http://... --cache DIR --local-registry DIR --tracker http://tracker:8700
@@ -133,6 +135,7 @@ class AgentSettings:
     heartbeat_s: float = 5.0
     wait_s: float = 0.1
     origin_attempts: int = 3
+    stop_grace_s: float = 10.0
     max_bytes_per_s: float | None = None
     announce_versions: int = 16
 
@@ -166,6 +169,7 @@ class AgentSettings:
             "tracker_retry_s",
             "heartbeat_s",
             "wait_s",
+            "stop_grace_s",
         ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value > 0):
@@ -297,6 +301,7 @@ class Agent:
         self._models = {m: _ModelState() for m in settings.models}
         self._dropped: dict[tuple[str, str], set[str]] = {}
         self._pool = ThreadPoolExecutor(settings.max_transfers, thread_name_prefix="transfer")
+        self._running: set[Future[int]] = set()  # transfers submitted and not done
         self._http = httpx.Client(
             timeout=settings.transfer_timeout_s,
             limits=httpx.Limits(max_connections=4 * settings.max_transfers),
@@ -334,19 +339,32 @@ class Agent:
                 self._threads.append(thread)
 
     def close(self) -> None:
-        """Stop the background threads, tell the tracker this peer leaves, release clients."""
+        """Stop the background threads, tell the tracker this peer leaves, release clients.
+
+        Transfers in flight get ``stop_grace_s`` in all to end; those still running then are
+        left to the pool (:meth:`transfers_running` counts them)."""
+        deadline = time.monotonic() + self.settings.stop_grace_s
         self._stop.set()
         self._wake.set()
+        with self._lock:
+            running = list(self._running)
+        wait(running, timeout=max(0.0, deadline - time.monotonic()))
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._tracker is not None:
             try:
                 self._tracker.post("/v1/leave", json={"peer": self.peer_id})
             except httpx.HTTPError as exc:
                 logger.info("could not tell the tracker %s leaves: %s", self.peer_id, exc)
             self._tracker.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=not self.transfers_running(), cancel_futures=True)
         self._http.close()
+
+    def transfers_running(self) -> int:
+        """How many chunk transfers are still in flight (after :meth:`close`: those that did
+        not end within ``stop_grace_s``)."""
+        with self._lock:
+            return len(self._running)
 
     # --- the poller ---------------------------------------------------------------------------
 
@@ -536,8 +554,7 @@ class Agent:
         announce = True
         limit = self.settings.max_transfers
         while missing:
-            if self._stop.is_set():
-                self._wait_all(inflight)
+            if self._stop.is_set():  # transfers in flight end on their own (see close)
                 raise _StoppedError(f"{model} {version}: the agent is stopping")
             if announce and self._tracker_usable():
                 announce = not self._try_announce(holding)
@@ -555,6 +572,9 @@ class Agent:
                 for index, source in plan:
                     chunk = by_index[index]
                     fut = self._pool.submit(self._fetch_chunk, holding, chunk, source, view)
+                    with self._lock:
+                        self._running.add(fut)
+                    fut.add_done_callback(self._transfer_done)
                     inflight[fut] = (index, source)
             if not inflight:
                 time.sleep(self.settings.wait_s * (0.5 + random.random()))
@@ -736,6 +756,10 @@ class Agent:
         reason = f"{where}: the origin's bytes do not match the manifest {attempts} times: {exc}"
         self._refuse(holding.model, holding.version, reason)
         return ArtifactError(reason)
+
+    def _transfer_done(self, fut: Future[int]) -> None:
+        with self._lock:
+            self._running.discard(fut)
 
     @staticmethod
     def _wait_all(inflight: Mapping[Future[int], tuple[int, str]]) -> None:
@@ -1064,6 +1088,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL_S)
     p.add_argument("--max-transfers", type=int, default=DEFAULT_MAX_TRANSFERS)
     p.add_argument("--max-bytes-per-s", type=float, help="download rate cap (default: none)")
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=AgentSettings.stop_grace_s,
+        help="seconds transfers in flight get to end at a stop (default: %(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -1090,6 +1120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             poll_interval_s=args.poll_interval,
             max_transfers=args.max_transfers,
             max_bytes_per_s=args.max_bytes_per_s,
+            stop_grace_s=args.stop_grace,
         )
         agent = Agent(settings)
     except MinutelyError as exc:
@@ -1100,7 +1131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         agent.start(args.advertise_url or f"http://{args.host}:{port}")
 
     try:
-        return serve_forever(
+        code = serve_forever(
             agent.app,
             host=args.host,
             port=args.port,
@@ -1110,6 +1141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     finally:
         agent.close()
+    left = agent.transfers_running()
+    if left:
+        # The pool's threads would hold the interpreter's exit until their reads end.
+        logger.warning(
+            "%d transfers still running %.1f s after the stop: exiting without them (the next "
+            "start fetches those chunks again)",
+            left,
+            settings.stop_grace_s,
+        )
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
