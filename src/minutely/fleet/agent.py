@@ -346,18 +346,18 @@ class Agent:
         deadline = time.monotonic() + self.settings.stop_grace_s
         self._stop.set()
         self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False, cancel_futures=True)  # no transfer starts from now on
         with self._lock:
             running = list(self._running)
         wait(running, timeout=max(0.0, deadline - time.monotonic()))
-        for thread in self._threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._tracker is not None:
             try:
                 self._tracker.post("/v1/leave", json={"peer": self.peer_id})
             except httpx.HTTPError as exc:
                 logger.info("could not tell the tracker %s leaves: %s", self.peer_id, exc)
             self._tracker.close()
-        self._pool.shutdown(wait=not self.transfers_running(), cancel_futures=True)
         self._http.close()
 
     def transfers_running(self) -> int:
@@ -571,7 +571,10 @@ class Agent:
                 )
                 for index, source in plan:
                     chunk = by_index[index]
-                    fut = self._pool.submit(self._fetch_chunk, holding, chunk, source, view)
+                    try:
+                        fut = self._pool.submit(self._fetch_chunk, holding, chunk, source, view)
+                    except RuntimeError as exc:  # the pool is shut down: close() ran
+                        raise _StoppedError(f"{model} {version}: the agent is stopping") from exc
                     with self._lock:
                         self._running.add(fut)
                     fut.add_done_callback(self._transfer_done)
