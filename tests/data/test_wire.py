@@ -137,6 +137,20 @@ def test_a_bad_message_or_record_is_refused_alone_with_where_it_was() -> None:
     assert refused[0].reason.startswith("sample batch: expected an Arrow IPC stream")
 
 
+def test_a_tfrecord_record_is_named_by_its_frame_after_a_refused_frame() -> None:
+    tf = wire("tfrecord")
+    good = wire("example").encode(batch(sample(1), sample(2)))
+    framed = bytearray(encode_tfrecords([good[0], good[1], b"\x08", good[0]]))
+    framed[8 + 4 + len(good[0]) + 4 + 12] ^= 1  # a byte of frame 1's data: its crc fails
+    table, refused = tf.decode([encode_tfrecords([good[1]]), bytes(framed)])
+    assert table is not None
+    assert table.column("sample_id").to_pylist() == [2, 1, 1]
+    assert [(r.message, r.record) for r in refused] == [(1, 1), (1, 2)]
+    assert refused[0].reason.startswith("tfrecord framing: ")
+    assert refused[1].reason.startswith("not a valid Example")
+    assert refused[1].payload == b"\x08"
+
+
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("kafka", marks=pytest.mark.integration)]
 )

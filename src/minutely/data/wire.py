@@ -27,7 +27,7 @@ call. A message or record that cannot be read, or that breaks the spec, is retur
 
 from __future__ import annotations
 
-import itertools
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,7 +71,6 @@ class SampleWire:
     def __init__(self, schema: Schema, cfg: SamplesConfig, *, where: str) -> None:
         self.schema = schema
         self.format = cfg.format
-        self.max_ids = cfg.max_ids
         self.spec = ExampleSpec.build(schema, cfg.keys, cfg.max_ids, where=where)
         self._multi = [f.name for f in schema.features if f.kind == "multi_sparse"]
 
@@ -92,26 +91,30 @@ class SampleWire:
         held a good one), and what was refused."""
         if self.format == "arrow":
             return self._decode_arrow(messages)
+        refused: list[Refused] = []
         if self.format == "example":
             records: list[bytes] = list(messages)
-            where: list[tuple[int, int | None]] = [(i, None) for i in range(len(messages))]
-            refused: list[Refused] = []
         else:
-            records, where, refused = [], [], []
+            records = []
+            starts: list[int] = []  # per message, where its records begin in ``records``
+            skipped: dict[int, list[int]] = {}  # per message, the frames refused by the framing
             for i, data in enumerate(messages):
                 got, bad = split_tfrecords(data)
+                starts.append(len(records))
                 records += got
-                # Frames are numbered whether they were read or refused.
-                refused_at = {j for j, _ in bad}
-                frames = (j for j in range(len(got) + len(bad)) if j not in refused_at)
-                where += [(i, j) for j in itertools.islice(frames, len(got))]
+                if bad:
+                    skipped[i] = [j for j, _ in bad]
                 # A framing error has no record bytes of its own: the message goes whole.
                 refused += [Refused(i, j, data, f"tfrecord framing: {why}") for j, why in bad]
         if not records:
             return None, refused
         out = examples_to_record_batch(records, self.spec)
         for k, reason in out.bad:
-            i, j = where[k]
+            if self.format == "example":
+                i, j = k, None
+            else:
+                i = bisect.bisect_right(starts, k) - 1
+                j = _frame(k - starts[i], skipped.get(i, []))
             refused.append(Refused(i, j, records[k], reason))
         refused.sort(key=lambda r: (r.message, -1 if r.record is None else r.record))
         if not out.batch.num_rows:
@@ -145,13 +148,13 @@ class SampleWire:
         first = ""
         for name in self._multi:
             lengths = pc.list_value_length(rb.column(name)).to_numpy(zero_copy_only=False)
-            bad = lengths > self.max_ids
+            bad = lengths > self.spec.max_ids
             if bad.any() and not first:
                 at = int(np.argmax(bad))
                 sid = rb.column("sample_id")[at].as_py()
                 first = (
                     f"sample_id {sid}: feature {name!r}: too many ids: {int(lengths[at])} > "
-                    f"max_ids {self.max_ids}"
+                    f"max_ids {self.spec.max_ids}"
                 )
             over |= bad
         if not over.any():
@@ -159,3 +162,13 @@ class SampleWire:
         n = int(over.sum())
         reason = f"{n} sample(s) over max_ids; first {first}"
         return rb.filter(pa.array(~over)), (rb.filter(pa.array(over)), reason)
+
+
+def _frame(position: int, skipped: list[int]) -> int:
+    """The frame number of the ``position``-th record read from a TFRecord message whose frames
+    ``skipped`` (ascending) were refused: frames are numbered whether read or refused."""
+    frame = position
+    for j in skipped:
+        if j <= frame:
+            frame += 1
+    return frame
