@@ -25,8 +25,10 @@ gives samples/s; the thread CPU time of the decode step (of the log's poll) over
 time is the decode's (the poll's) CPU share; the rest is the sort and the tensors. Each figure
 is the median of ``--rounds`` reads; ratios are to each JSON path in the same run
 (``over_json``: the standard library's, the seed's baseline; ``over_json_msgspec``).
-Goals at 4,096, against the seed's baseline: Arrow >= 100x JSON, Example >= 3x JSON. Prints one
-JSON object as its last line.
+Goals at 4,096, against the seed's baseline: Arrow >= 100x JSON, Example >= 3x JSON. Also, in
+memory on 4,096 samples (``kernels``): the bulk Example decoder against protobuf's Python API
+reading every value of every record, and the compiled id hash against the numpy version it
+replaced. Prints one JSON object as its last line.
 """
 
 from __future__ import annotations
@@ -216,6 +218,72 @@ def run_backend(
     return out
 
 
+def _numpy_hash(ids: np.ndarray, salt: int, buckets: int) -> np.ndarray:
+    """The same hash as :func:`~minutely.data.hashing.hash_ids` in numpy (ten passes over the
+    ids): the implementation the compiled kernel replaced, as the baseline."""
+    z = ids.astype(np.uint64)
+    z ^= np.uint64(salt)
+    z += np.uint64(0x9E3779B97F4A7C15)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    z %= np.uint64(buckets)
+    return z.view(np.int64)
+
+
+def _best_rate(n: int, run: Callable[[], object], rounds: int) -> float:
+    """Items per second of ``run`` (``n`` items), median of ``rounds`` timings after a warm-up."""
+    run()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return n / statistics.median(times)
+
+
+def codec_kernels(rb: pa.RecordBatch, schema: Schema, rounds: int) -> dict[str, Any]:
+    """The decode and hash steps alone, in memory, on the first 4,096 samples: the bulk Example
+    decoder against protobuf's Python API reading every value per record, and the compiled id
+    hash against numpy's."""
+    from minutely.data.example import ExampleSpec, examples_to_record_batch
+    from minutely.data.hashing import feature_salt, hash_ids
+    from minutely.data.proto.example_pb2 import Example
+
+    part = rb.slice(0, BATCH_SIZES[-1])
+    n = part.num_rows
+    spec = ExampleSpec.build(schema)
+    records = SampleWire(schema, SamplesConfig(format="example"), where="bench").encode(part)
+
+    def protobuf_python() -> None:
+        for r in records:
+            feats = Example.FromString(r).features.feature
+            for key in spec.keys.values():
+                f = feats[key]
+                list(f.int64_list.value) if f.HasField("int64_list") else list(f.float_list.value)
+
+    ids = np.concatenate(
+        [part.column(f.name).to_numpy() for f in schema.sparse if f.kind == "sparse"]
+        + [part.column("user_interests").flatten().to_numpy()]
+    )
+    salt = feature_salt("user_interests")
+    assert (hash_ids(ids, salt, BUCKETS) == _numpy_hash(ids, salt, BUCKETS)).all()
+    decode = _best_rate(n, lambda: examples_to_record_batch(records, spec), rounds)
+    python = _best_rate(n, protobuf_python, rounds)
+    compiled = _best_rate(len(ids), lambda: hash_ids(ids, salt, BUCKETS), rounds)
+    numpy_ids = _best_rate(len(ids), lambda: _numpy_hash(ids, salt, BUCKETS), rounds)
+    return {
+        "example_decode_records_per_s": round(decode),
+        "protobuf_python_records_per_s": round(python),
+        "decode_over_protobuf_python": round(decode / python, 2),
+        "hash_ids_per_s": round(compiled),
+        "numpy_hash_ids_per_s": round(numpy_ids),
+        "hash_over_numpy": round(compiled / numpy_ids, 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="16,384 samples, 1 round")
@@ -232,6 +300,8 @@ def main() -> None:
     schema = default_schema()
     rb = make_batch(schema, n, args.ids)
     result: dict[str, Any] = {"samples": n, "ids_per_sample": args.ids, "rounds": rounds}
+    result["kernels"] = codec_kernels(rb, schema, max(rounds, 5))
+    log(f"kernels: {json.dumps(result['kernels'])}")
     work = Path(tempfile.mkdtemp(prefix="minutely-ingest-"))
     try:
         for backend in args.backends.split(","):

@@ -1,6 +1,6 @@
 """The numba kernel of :func:`minutely.data.hashing.hash_ids`: splitmix64 of ``id XOR salt``,
-modulo the bucket count, in one pass (numpy's version takes ten passes over the ids and was most
-of the time from a sample batch to training tensors)."""
+modulo the bucket count, in one pass over the ids (numpy's version takes ten; see
+``benchmarks/ingest.py``, ``kernels``)."""
 
 from __future__ import annotations
 
