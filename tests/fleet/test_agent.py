@@ -371,6 +371,18 @@ def test_verified_chunks_on_disk_are_reused_and_bad_ones_fetched_again(
     assert not cache.exists()
 
 
+def test_a_new_fetch_fetches_every_chunk_even_one_of_zeros(origin: Origin, fleet: Fleet) -> None:
+    # A new part file reads as zeros: only a part file a cut-short fetch left is re-hashed.
+    weights = tensors(256, seed=13)
+    weights["emb"][:128] = 0.0  # 32 KiB of zeros: whole chunks of zero bytes
+    manifest = publish(origin.registry, weights)
+    a = fleet.agent(str(origin.root), name="a")
+    a.agent.fetch(MODEL, manifest.version)
+    counters = a.counters()
+    assert counters["chunks_resumed"] == 0
+    assert counters["chunks_from_origin"] == len(chunk_layout(manifest))
+
+
 def test_status_and_chunk_endpoints(origin: Origin, fleet: Fleet) -> None:
     manifest = publish(origin.registry, tensors(64, seed=11))
     a = fleet.agent(str(origin.root), name="a", region="eu-1")

@@ -501,16 +501,20 @@ class Agent:
         """The holding of a version being fetched, with the verified chunks already on disk.
 
         The cache holds one file per file of the version (``<name>.part``, its full size, each
-        chunk written at its offset): a resumed fetch re-hashes every chunk and keeps those that
-        match, and the install links the files into the local registry (no copy).
+        chunk written at its offset): a resumed fetch re-hashes every chunk of the part files a
+        cut-short fetch left and keeps those that match (a new part file holds nothing to
+        hash), and the install links the files into the local registry (no copy).
         """
         cache_dir = self.cache / model / version
         chunks = chunk_layout(manifest)
         holding = _Holding(model, version, chunks, cache_dir=cache_dir)
+        left: set[str] = set()  # files whose part a cut-short fetch left
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             for name, entry in manifest.files.items():
                 path = _part_path(cache_dir, name)
+                if path.exists():
+                    left.add(name)
                 with open(path, "ab"):
                     pass  # created if missing, kept if a fetch cut short left it
                 os.truncate(path, entry.bytes)
@@ -518,6 +522,8 @@ class Agent:
             raise StorageError(f"{cache_dir}: expected a writable cache folder, got {exc}") from exc
         resumed = 0
         for chunk in chunks:
+            if chunk.file not in left:
+                continue
             try:
                 data = _read_part(cache_dir, chunk)
             except OSError:
